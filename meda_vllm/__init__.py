@@ -1,0 +1,3 @@
+"""meda-vllm: multimodal KV-cache compression for vLLM serving."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Helpers for tests, demos and benchmarks (no vLLM import at module level)."""

@@ -1,0 +1,226 @@
+"""``--kv-policy`` and friends on ``vllm serve`` / ``EngineArgs``, validated at startup.
+
+The flags are folded into ``additional_config`` (which reaches every vLLM process),
+so ``--kv-policy meda`` and ``--additional-config '{"kv_policy": "meda"}'`` are the
+same thing. Interplay with other engine features is settled here, once, with one
+log line per feature that is switched off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from meda_vllm.config import POLICY_NAMES, ConfigError, KVPolicyConfig
+from meda_vllm.vllm_adapter import settings
+from meda_vllm.vllm_adapter.log import logger
+
+_FLAG_DESTS = ("kv_policy", "kv_budget", "kv_window", "kv_policy_config")
+
+
+def _budget(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be a ratio in (0, 1] or an integer token count > 1 (got {text!r})"
+        ) from None
+    try:
+        KVPolicyConfig.from_mapping({"kv_budget": value})
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return value
+
+
+def _window(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1 (got {text!r})") from None
+    try:
+        KVPolicyConfig.from_mapping({"kv_window": value})
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return value
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e.msg})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
+
+
+def add_cli_args(parser: argparse.ArgumentParser) -> None:
+    """Add the meda-vllm flag group to a vLLM argument parser (idempotent)."""
+    if any(getattr(a, "dest", None) == "kv_policy" for a in parser._actions):
+        return
+    group = parser.add_argument_group(
+        title="meda-vllm KV-cache compression",
+        description="Compress each request's KV cache after prefill (meda-vllm plugin).",
+    )
+    group.add_argument(
+        "--kv-policy",
+        choices=POLICY_NAMES,
+        default=None,
+        help="Compression policy; 'none' (default) leaves vLLM untouched.",
+    )
+    group.add_argument(
+        "--kv-budget",
+        type=_budget,
+        default=None,
+        help="Kept tokens per layer: a ratio in (0, 1] of the prompt, or an integer > 1.",
+    )
+    group.add_argument(
+        "--kv-window",
+        type=_window,
+        default=None,
+        help="Observation window: the last N prompt queries that score the keys (default 32).",
+    )
+    group.add_argument(
+        "--kv-policy-config",
+        type=_json_object,
+        default=None,
+        help='JSON object with the other kv_* settings, e.g. \'{"kv_merge": "average"}\'.',
+    )
+
+
+def fold_cli_args(args: argparse.Namespace, additional: dict[str, Any] | None) -> dict[str, Any]:
+    """Merge the parsed flags into an additional_config dict (flags win)."""
+    merged = dict(additional or {})
+    extra = getattr(args, "kv_policy_config", None) or {}
+    for key, value in extra.items():
+        name = key.replace("-", "_")
+        merged[name if name.startswith("kv_") else f"kv_{name}"] = value
+    for dest in ("kv_policy", "kv_budget", "kv_window"):
+        value = getattr(args, dest, None)
+        if value is not None:
+            merged[dest] = value
+    return merged
+
+
+def resolve_engine_settings(engine_args: Any) -> KVPolicyConfig:
+    """Validate the kv_* settings of an EngineArgs and settle feature interplay.
+
+    Raises ConfigError (one line) on bad values or unsupported combinations; the
+    normalised settings are written back into ``engine_args.additional_config``.
+    """
+    additional = dict(engine_args.additional_config or {})
+    cfg = settings.server_config_from_additional(additional)
+    remember_server_config(cfg)
+    if cfg.kv_policy == "none":
+        return cfg
+    if getattr(engine_args, "speculative_config", None):
+        raise ConfigError(
+            f"--kv-policy {cfg.kv_policy} does not support speculative decoding yet; "
+            "drop --speculative-config or use --kv-policy none"
+        )
+    if (engine_args.pipeline_parallel_size or 1) > 1:
+        raise ConfigError(
+            f"--kv-policy {cfg.kv_policy} does not support pipeline parallelism yet "
+            "(--pipeline-parallel-size must be 1)"
+        )
+    if (engine_args.tensor_parallel_size or 1) > 1:
+        raise ConfigError(
+            f"--kv-policy {cfg.kv_policy} does not support tensor parallelism yet "
+            "(ranks would have to agree on kept lengths; --tensor-parallel-size must be 1)"
+        )
+    if getattr(engine_args, "kv_transfer_config", None):
+        raise ConfigError(f"--kv-policy {cfg.kv_policy} does not support KV connectors")
+    if engine_args.enable_prefix_caching is not False:
+        logger.info(
+            "meda-vllm: prefix caching disabled: compacted blocks of a compressed "
+            "request must never be served as prefix-cache hits"
+        )
+        engine_args.enable_prefix_caching = False
+    if engine_args.async_scheduling is not False:
+        logger.info(
+            "meda-vllm: async scheduling disabled: compression rewrites a request's "
+            "block table between steps (synchronous scheduling is used)"
+        )
+        engine_args.async_scheduling = False
+    additional.update(cfg.model_dump())
+    engine_args.additional_config = additional
+    logger.info(
+        "meda-vllm: KV compression on: %s",
+        ", ".join(f"{k}={v}" for k, v in cfg.model_dump().items() if v is not None),
+    )
+    return cfg
+
+
+def startup_error(message: str) -> SystemExit:
+    """A clean one-line failure for `vllm serve` (no traceback)."""
+    return SystemExit(f"vllm: error: {message}")
+
+
+def patch_engine_args() -> None:
+    """Install the flag group and the startup validation on vLLM's EngineArgs."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    if getattr(EngineArgs, "_meda_patched", False):
+        return
+    orig_add = EngineArgs.add_cli_args
+    orig_from = EngineArgs.from_cli_args.__func__
+    orig_create = EngineArgs.create_engine_config
+
+    def add_cli_args_(parser):
+        parser = orig_add(parser)
+        add_cli_args(parser)
+        return parser
+
+    def from_cli_args_(cls, args):
+        engine_args = orig_from(cls, args)
+        if any(getattr(args, d, None) is not None for d in _FLAG_DESTS):
+            engine_args.additional_config = fold_cli_args(args, engine_args.additional_config)
+        try:
+            resolve_engine_settings(engine_args)
+        except ConfigError as e:
+            raise startup_error(str(e)) from None
+        return engine_args
+
+    def create_engine_config(self, *args, **kwargs):
+        resolve_engine_settings(self)
+        return orig_create(self, *args, **kwargs)
+
+    EngineArgs.add_cli_args = staticmethod(add_cli_args_)
+    EngineArgs.from_cli_args = classmethod(from_cli_args_)
+    EngineArgs.create_engine_config = create_engine_config
+    EngineArgs._meda_patched = True
+
+
+def patch_request_validation() -> None:
+    """Reject bad per-request kv_* values while the request is built (HTTP 400)."""
+    from vllm.exceptions import VLLMValidationError
+    from vllm.sampling_params import SamplingParams
+
+    if getattr(SamplingParams, "_meda_patched", False):
+        return
+    orig = SamplingParams._verify_extra_args
+
+    def _verify_extra_args(self):
+        orig(self)
+        server = _SERVER_CONFIG.get("cfg")
+        if server is None:
+            return
+        try:
+            settings.validate_request_overrides(server, self.extra_args)
+        except ConfigError as e:
+            param = str(e).split(" ", 1)[0]
+            raise VLLMValidationError(
+                str(e), parameter=param if param.startswith("kv_") else "vllm_xargs"
+            ) from None
+
+    SamplingParams._verify_extra_args = _verify_extra_args
+    SamplingParams._meda_patched = True
+
+
+#: The server settings as seen by this process (set when the engine config is built).
+_SERVER_CONFIG: dict[str, KVPolicyConfig] = {}
+
+
+def remember_server_config(cfg: KVPolicyConfig) -> None:
+    _SERVER_CONFIG["cfg"] = cfg

@@ -1,0 +1,70 @@
+"""Resolve the compression settings of the server and of one request.
+
+Every process (API server, EngineCore, workers) sees the same
+``VllmConfig.additional_config``; the CLI flags are folded into it at startup
+(``cli.py``), so this module is the one reader of server settings. Per-request
+overrides arrive as ``SamplingParams.extra_args`` (``vllm_xargs`` in the OpenAI
+API) under the same ``kv_*`` names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from meda_vllm.config import ConfigError, KVPolicyConfig
+
+#: additional_config keys that belong to us (the kv_* fields of KVPolicyConfig).
+CONFIG_KEYS = frozenset(KVPolicyConfig.model_fields)
+
+
+def split_additional_config(additional: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The ``kv_*`` entries of ``--additional-config`` (other plugins' keys are left alone)."""
+    if not additional:
+        return {}
+    return {k: v for k, v in additional.items() if k in CONFIG_KEYS}
+
+
+def server_config_from_additional(additional: Mapping[str, Any] | None) -> KVPolicyConfig:
+    return KVPolicyConfig.from_mapping(split_additional_config(additional))
+
+
+def server_config(vllm_config: Any) -> KVPolicyConfig:
+    """The server-wide settings of a running engine (cached on the config object)."""
+    cached = getattr(vllm_config, "_meda_kv_config", None)
+    if cached is not None:
+        return cached
+    cfg = server_config_from_additional(getattr(vllm_config, "additional_config", None))
+    try:
+        object.__setattr__(vllm_config, "_meda_kv_config", cfg)
+    except (AttributeError, TypeError):  # pragma: no cover - frozen/slotted configs
+        pass
+    return cfg
+
+
+def request_overrides(extra_args: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The kv_* keys a request asked for (``vllm_xargs`` / ``extra_args``)."""
+    if not extra_args:
+        return {}
+    return {k: v for k, v in extra_args.items() if isinstance(k, str) and k.startswith("kv_")}
+
+
+def request_config(server: KVPolicyConfig, extra_args: Mapping[str, Any] | None) -> KVPolicyConfig:
+    """Server settings with the request's overrides on top (validated)."""
+    overrides = request_overrides(extra_args)
+    if not overrides:
+        return server
+    return server.merged(overrides)
+
+
+def validate_request_overrides(server: KVPolicyConfig, extra_args: Mapping[str, Any] | None) -> None:
+    """Raise ConfigError with one line if a request's kv_* overrides are not acceptable."""
+    overrides = request_overrides(extra_args)
+    if not overrides:
+        return
+    if server.kv_policy == "none":
+        raise ConfigError(
+            "this server runs without KV compression (--kv-policy none); "
+            f"per-request {', '.join(sorted(overrides))} cannot be honoured"
+        )
+    server.merged(overrides)

@@ -1,0 +1,137 @@
+"""Start and stop a real `vllm serve` (CPU build) for end-to-end tests."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+ENV = {
+    "VLLM_HOST_IP": "127.0.0.1",
+    "HF_HUB_OFFLINE": "1",
+    "VLLM_NO_USAGE_STATS": "1",
+    "DO_NOT_TRACK": "1",
+}
+
+BASE_ARGS = [
+    "--enforce-eager",
+    "--dtype",
+    "float32",
+    "--max-model-len",
+    "4096",
+    "--block-size",
+    "32",
+    "--kv-cache-memory-bytes",
+    str(64 * 1024 * 1024),
+    "--limit-mm-per-prompt",
+    '{"image": 4, "video": 1}',
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def vllm_bin() -> str:
+    return str(Path(sys.executable).parent / "vllm")
+
+
+class VLLMServer:
+    """``with VLLMServer(model, [...flags]) as srv: srv.url`` — logs go to ``log_path``."""
+
+    def __init__(self, model: str | Path, args: list[str], log_path: Path, timeout: float = 240):
+        self.model = str(model)
+        self.args = list(args)
+        self.log_path = Path(log_path)
+        self.timeout = timeout
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def command(self) -> list[str]:
+        return [vllm_bin(), "serve", self.model, "--port", str(self.port), *BASE_ARGS, *self.args]
+
+    def start(self) -> VLLMServer:
+        env = {**os.environ, **ENV}
+        self.log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            self.command(),
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+        deadline = time.time() + self.timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"vllm serve exited with {self.proc.returncode}:\n{self.tail()}")
+            try:
+                if requests.get(self.url + "/health", timeout=2).status_code == 200:
+                    return self
+            except requests.RequestException:
+                pass
+            time.sleep(1)
+        self.stop()
+        raise TimeoutError(f"vllm serve not healthy after {self.timeout}s:\n{self.tail()}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        if getattr(self, "log", None):
+            self.log.close()
+
+    def tail(self, n: int = 60) -> str:
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        return "\n".join(line for line in lines[-n:])
+
+    def metrics(self) -> dict[str, float]:
+        """Prometheus text of /metrics as {'name{labels}': value} (unlabelled keys too)."""
+        text = requests.get(self.url + "/metrics", timeout=10).text
+        out: dict[str, float] = {}
+        for line in text.splitlines():
+            if not line or line.startswith("#"):
+                continue
+            m = re.match(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)$", line)
+            if not m:
+                continue
+            name, _labels, value = m.groups()
+            try:
+                v = float(value)
+            except ValueError:
+                continue
+            out[name] = out.get(name, 0.0) + v if name in out and _labels else v
+        return out
+
+    def __enter__(self) -> VLLMServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def run_cli(args: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run `vllm ARGS` to completion (for startup-failure tests)."""
+    return subprocess.run(
+        [vllm_bin(), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **ENV},
+    )
