@@ -61,16 +61,69 @@ _PIXEL_STD = [0.26862954, 0.26130258, 0.27577711]
 
 def _corpus(n_lines: int, seed: int):
     rng = random.Random(seed)
-    words = (
-        "the a an image picture video frame describe what is in this of and to red green "
-        "blue cat dog tree house car sky sun water person left right top bottom color shape "
-        "small large circle square hello world you are helpful assistant user system answer "
-        "question yes no one two three four five six seven eight nine ten"
-    ).split()
-    syllables = [c + v for c in "bcdfghjklmnprstvwz" for v in "aeiou"]
-    words += [
-        "".join(rng.choice(syllables) for _ in range(rng.randint(1, 3))) for _ in range(1500)
+    words = [
+        "the",
+        "a",
+        "an",
+        "image",
+        "picture",
+        "video",
+        "frame",
+        "describe",
+        "what",
+        "is",
+        "in",
+        "this",
+        "of",
+        "and",
+        "to",
+        "red",
+        "green",
+        "blue",
+        "cat",
+        "dog",
+        "tree",
+        "house",
+        "car",
+        "sky",
+        "sun",
+        "water",
+        "person",
+        "left",
+        "right",
+        "top",
+        "bottom",
+        "color",
+        "shape",
+        "small",
+        "large",
+        "circle",
+        "square",
+        "hello",
+        "world",
+        "you",
+        "are",
+        "helpful",
+        "assistant",
+        "user",
+        "system",
+        "answer",
+        "question",
+        "yes",
+        "no",
+        "one",
+        "two",
+        "three",
+        "four",
+        "five",
+        "six",
+        "seven",
+        "eight",
+        "nine",
+        "ten",
     ]
+    syllables = [c + v for c in "bcdfghjklmnprstvwz" for v in "aeiou"]
+    words += ["".join(rng.choice(syllables) for _ in range(rng.randint(1, 3))) for _ in range(1500)]
     for _ in range(n_lines):
         line = " ".join(rng.choice(words) for _ in range(rng.randint(3, 14)))
         yield f"{line.capitalize()}{rng.choice('.?!,:')} {rng.randint(0, 999)}"

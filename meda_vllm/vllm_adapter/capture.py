@@ -88,8 +88,17 @@ def wrap_attention_layers(layers: dict[str, object], layer_index: dict[str, int]
         orig_forward = impl.forward
 
         def forward(
-            layer_, query, key, value, kv_cache, attn_metadata, *args, _o=orig_forward,
-            _i=index, _h=head_size, **kwargs
+            layer_,
+            query,
+            key,
+            value,
+            kv_cache,
+            attn_metadata,
+            *args,
+            _o=orig_forward,
+            _i=index,
+            _h=head_size,
+            **kwargs,
         ):
             step = _CURRENT[0]
             if step is not None and attn_metadata is not None:

@@ -9,6 +9,7 @@ so a process pays only for what it uses.
 
 from __future__ import annotations
 
+import importlib
 import importlib.abc
 import importlib.util
 import sys
@@ -61,11 +62,26 @@ def register() -> None:
     if _REGISTERED:
         return
     _REGISTERED = True
-    from meda_vllm.vllm_adapter import cli, scheduler, worker
     from meda_vllm.vllm_adapter.compat import check_vllm_version
 
     check_vllm_version()
-    on_import("vllm.engine.arg_utils", cli.patch_engine_args)
-    on_import("vllm.sampling_params", cli.patch_request_validation)
-    on_import("vllm.v1.core.sched.scheduler", scheduler.patch_scheduler)
-    on_import("vllm.v1.worker.gpu_model_runner", worker.patch_v1_runner)
+    for target, patch in PATCHES:
+        on_import(target, _lazy(patch))
+
+
+#: (module whose import triggers the patch, "our_module:function") — see PATCHES.md.
+PATCHES = (
+    ("vllm.engine.arg_utils", "cli:patch_engine_args"),
+    ("vllm.sampling_params", "cli:patch_request_validation"),
+    ("vllm.v1.core.sched.scheduler", "scheduler:patch_scheduler"),
+    ("vllm.v1.worker.gpu_model_runner", "worker:patch_v1_runner"),
+)
+
+
+def _lazy(spec: str) -> Callable[[], None]:
+    module, func = spec.split(":")
+
+    def run() -> None:
+        getattr(importlib.import_module(f"meda_vllm.vllm_adapter.{module}"), func)()
+
+    return run

@@ -9,6 +9,7 @@ API) under the same ``kv_*`` names.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -35,10 +36,8 @@ def server_config(vllm_config: Any) -> KVPolicyConfig:
     if cached is not None:
         return cached
     cfg = server_config_from_additional(getattr(vllm_config, "additional_config", None))
-    try:
+    with contextlib.suppress(AttributeError, TypeError):  # frozen/slotted configs
         object.__setattr__(vllm_config, "_meda_kv_config", cfg)
-    except (AttributeError, TypeError):  # pragma: no cover - frozen/slotted configs
-        pass
     return cfg
 
 
@@ -57,7 +56,9 @@ def request_config(server: KVPolicyConfig, extra_args: Mapping[str, Any] | None)
     return server.merged(overrides)
 
 
-def validate_request_overrides(server: KVPolicyConfig, extra_args: Mapping[str, Any] | None) -> None:
+def validate_request_overrides(
+    server: KVPolicyConfig, extra_args: Mapping[str, Any] | None
+) -> None:
     """Raise ConfigError with one line if a request's kv_* overrides are not acceptable."""
     overrides = request_overrides(extra_args)
     if not overrides:

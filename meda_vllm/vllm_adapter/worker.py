@@ -134,8 +134,9 @@ class WorkerCompression:
         self.removed.pop(rid, None)
 
     # ---- per step --------------------------------------------------------------------------
-    def plan_capture(self, req_ids: list[str], qsl: np.ndarray, computed: np.ndarray,
-                     scheduled: np.ndarray) -> capture.CaptureStep | None:
+    def plan_capture(
+        self, req_ids: list[str], qsl: np.ndarray, computed: np.ndarray, scheduled: np.ndarray
+    ) -> capture.CaptureStep | None:
         targets = []
         for i, rid in enumerate(req_ids):
             info = self.info(rid)
@@ -174,8 +175,9 @@ class WorkerCompression:
         def get_view(layer: int) -> LayerView:
             keys, values = gather_kv(self.cache(layer), self.layouts[layer], row, n)
             queries = cap.rows[layer].to(device).transpose(0, 1)  # [H, R, D]
-            return LayerView(keys=keys, values=values, queries=queries, query_pos=query_pos,
-                             vis=vis)
+            return LayerView(
+                keys=keys, values=values, queries=queries, query_pos=query_pos, vis=vis
+            )
 
         plan = compress(get_view, len(self.layer_names), cfg, n, pad_to="max")
         self.captures.pop(rid, None)

@@ -1,0 +1,436 @@
+#!/usr/bin/env python
+"""Benchmark meda-vllm's KV-compression kernels against copy bandwidth and prefill attention.
+
+GPU run (H100/H200, torch + triton only, no vLLM needed, package need not be installed):
+
+    python benchmarks/kernels/bench_kernels.py            # writes $OUT (default ./bench_out)
+
+For LLaVA-1.5-7B (32 q / 32 kv heads) and Qwen2-VL-7B (28 q / 4 kv heads) geometry, D=128,
+bf16, block size 16 (shuffled blocks), window 32, N in 2K/8K/32K, it
+
+1. measures copy bandwidth (``torch.clone`` of a 1 GiB tensor) with ``triton.testing.do_bench``;
+2. checks every kernel against its torch reference at that size;
+3. times every op and prints achieved GB/s (bytes the op must move, see
+   docs/KERNELS.md) and the ratio to copy bandwidth;
+4. times one layer's prefill attention (``scaled_dot_product_attention``, causal, same
+   geometry) and prints the compression step (scores + pool + entropy + topk + merge +
+   compact) as a fraction of it.
+
+``--quick`` is a CPU smoke test with tiny sizes through the torch references (or through
+the Triton interpreter when ``TRITON_INTERPRET=1``), so that the script itself is tested.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import platform
+import sys
+import time
+import types
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def load_kernels():
+    """Import ``meda_vllm.kernels`` from the repo's ``kernels/`` folder.
+
+    Works whether or not the package is installed, and never runs ``meda_vllm/__init__``
+    (whose imports may need vLLM): ``meda_vllm`` is registered as an empty parent.
+    """
+    if "meda_vllm.kernels" in sys.modules:
+        return sys.modules["meda_vllm.kernels"]
+    folder = ROOT / "kernels"
+    if "meda_vllm" not in sys.modules:
+        parent = types.ModuleType("meda_vllm")
+        parent.__path__ = []
+        sys.modules["meda_vllm"] = parent
+    spec = importlib.util.spec_from_file_location(
+        "meda_vllm.kernels", folder / "__init__.py", submodule_search_locations=[str(folder)]
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["meda_vllm.kernels"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+K = load_kernels()
+
+GEOMETRIES = {
+    # name: (query heads, kv heads, head size)
+    "llava-1.5-7b": (32, 32, 128),
+    "qwen2-vl-7b": (28, 4, 128),
+}
+QUICK_GEOMETRIES = {"tiny-mha": (4, 4, 32), "tiny-gqa": (8, 2, 32)}
+BLOCK_SIZE = 16
+WINDOW = 32
+RHO = 0.2
+VIS_SAMPLE = 64  # visual query rows sampled (fixed stride) for the entropy
+POOL_KERNEL = 7
+
+
+# ---------------------------------------------------------------------- timing
+def make_timer(quick: bool):
+    if quick:
+
+        def timer(fn):
+            fn()
+            start = time.perf_counter()
+            reps = 3
+            for _ in range(reps):
+                fn()
+            return (time.perf_counter() - start) / reps * 1e3
+
+        return timer
+    import triton.testing
+
+    def timer(fn):
+        return triton.testing.do_bench(fn, warmup=25, rep=100)
+
+    return timer
+
+
+def copy_bandwidth(timer, device, quick: bool) -> float:
+    """GB/s of ``clone`` (bytes read + written)."""
+    numel = (1 << 20) if quick else (1 << 29)  # 1 GiB of bf16 on GPU
+    x = torch.empty(numel, dtype=torch.bfloat16, device=device).normal_()
+    ms = timer(lambda: x.clone())
+    return 2 * x.numel() * x.element_size() / (ms * 1e-3) / 1e9
+
+
+# ---------------------------------------------------------------------- problem setup
+def build_problem(h, h_kv, d, n, device, dtype, seed=0):
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    dev_gen = torch.Generator(device=device).manual_seed(seed)
+    used = -(-n // BLOCK_SIZE)
+    nb = used + 8
+    phys = torch.randn(nb, BLOCK_SIZE, h_kv, 2 * d, generator=dev_gen, device=device)
+    cache = phys.to(dtype).permute(0, 2, 1, 3)  # NHD physical order
+    del phys
+    layout = K.PagedKVLayout.from_logical(cache)
+    row = torch.randperm(nb, generator=gen)[:used].to(torch.int32).to(device)
+    window = min(WINDOW, n)
+    q_win = (torch.randn(h, window, d, generator=gen) * 2).to(dtype).to(device)
+    q_win_pos = torch.arange(n - window, n, device=device)
+    vis = torch.zeros(n, dtype=torch.bool)
+    vis[int(0.05 * n) : int(0.9 * n)] = True  # one image/video span, text before and after
+    vis_pos = vis.nonzero()[:, 0]
+    stride = max(1, vis_pos.numel() // VIS_SAMPLE)
+    ent_pos = torch.cat([vis_pos[::stride][:VIS_SAMPLE], torch.arange(n - window, n)])
+    ent_pos = torch.unique(ent_pos)  # sorted
+    q_ent = (torch.randn(h, ent_pos.numel(), d, generator=gen) * 2).to(dtype).to(device)
+    return dict(
+        cache=cache,
+        layout=layout,
+        row=row,
+        n=n,
+        window=window,
+        q_win=q_win,
+        q_win_pos=q_win_pos,
+        q_ent=q_ent,
+        ent_pos=ent_pos.to(device),
+        vis=vis.to(device),
+        budget=max(window, math.ceil(RHO * n)),
+    )
+
+
+def select_kept(pooled, budget, window):
+    """Window + top-(budget - window) by pooled score; ascending positions per head."""
+    s = pooled.clone()
+    s[:, s.shape[1] - window :] = float("inf")
+    return torch.topk(s, budget, dim=1).indices.sort(dim=1).values
+
+
+def clone_cache(cache):
+    return cache.permute(0, 2, 1, 3).clone().permute(0, 2, 1, 3)
+
+
+# ---------------------------------------------------------------------- correctness
+def max_err(a, b):
+    return (a.float() - b.float()).abs().max().item() if a.numel() else 0.0
+
+
+def check_all(p, backend):
+    """Compare every op (``backend``) with its torch reference; returns a dict of results."""
+    c, lay, row, n = p["cache"], p["layout"], p["row"], p["n"]
+    res = {}
+    k, v = K.gather_kv(c, lay, row, n, backend=backend)
+    kr, vr = K.gather_kv_reference(c, lay, row, n)
+    res["gather"] = dict(ok=bool(torch.equal(k, kr) and torch.equal(v, vr)), max_err=0.0)
+
+    s = K.paged_window_scores(p["q_win"], p["q_win_pos"], c, lay, row, n, backend=backend)
+    sr = K.paged_window_scores_reference(p["q_win"], p["q_win_pos"], c, lay, row, n)
+    err = max_err(s, sr)
+    res["window_scores"] = dict(ok=err <= 1e-4 + 1e-3 * sr.abs().max().item(), max_err=err)
+
+    pooled = K.pool_scores(s, POOL_KERNEL, "max", backend=backend)
+    pr = K.pool_scores_reference(s, POOL_KERNEL, "max")
+    res["pool"] = dict(ok=bool(torch.equal(pooled, pr)), max_err=max_err(pooled, pr))
+
+    args = (p["q_ent"], p["ent_pos"], c, lay, row, n, p["vis"])
+    e = K.paged_cross_modal_entropy(*args, backend=backend)
+    er = K.paged_cross_modal_entropy_reference(*args)
+    err = max_err(e, er)
+    res["entropy"] = dict(ok=err <= 1e-3, max_err=err, value=e.tolist())
+
+    kept = select_kept(pr, p["budget"], p["window"])
+    _, match = K.merge_match(c, lay, row, n, kept, backend=backend)
+    _, match_r = K.merge_match_reference(c, lay, row, n, kept)
+    agree = (match == match_r).float().mean().item() if match.numel() else 1.0
+    mk, mv = K.paged_merge(c, lay, row, n, kept, "average", backend=backend)
+    rk, rv = K.paged_merge_reference(c, lay, row, n, kept, "average")
+    # fp32 near-ties may pick another (equally similar) target for a handful of tokens
+    bad = ((mk.float() - rk.float()).abs() > 2e-2 + 1.6e-2 * rk.float().abs()).any(-1)
+    bad |= ((mv.float() - rv.float()).abs() > 2e-2 + 1.6e-2 * rv.float().abs()).any(-1)
+    bad_frac = bad.float().mean().item()
+    res["merge"] = dict(
+        ok=agree >= 0.999 and bad_frac <= 1e-3,
+        match_agreement=agree,
+        rows_off=bad_frac,
+        max_err=max(max_err(mk, rk), max_err(mv, rv)),
+    )
+
+    for name, new in (("compact", (rk, rv)), ("compact_gather", (None, None))):
+        a, b = clone_cache(c), clone_cache(c)
+        K.compact_(a, lay, row, kept, *new, backend=backend)
+        K.compact_reference_(b, lay, row, kept, *new)
+        res[name] = dict(ok=bool(torch.equal(a, b)), max_err=max_err(a, b))
+    return res, kept, pr
+
+
+# ---------------------------------------------------------------------- timing of ops
+def bytes_model(p, h_kv, d, kept_count, elem):
+    """Bytes each op must move at least (reads + writes)."""
+    n = p["n"]
+    kv_all = n * h_kv * d * elem  # one of K or V for all tokens
+    kv_kept = kept_count * h_kv * d * elem
+    return {
+        "gather": 4 * kv_all,
+        "window_scores": kv_all + n * h_kv * 4,
+        "pool": 2 * n * h_kv * 4,
+        "entropy": kv_all + n,
+        "topk": n * h_kv * 4 + kept_count * h_kv * 8,
+        "merge": 2 * kv_all + 2 * kv_kept,
+        "compact": 4 * kv_kept,
+        "compact_gather": 4 * kv_kept,
+    }
+
+
+def flops_model(p, h, d, kept_count):
+    """Matrix-multiply FLOPs of the ops that have any (2 per multiply-add)."""
+    n, h_kv = p["n"], p["cache"].shape[1]
+    rows_win, rows_ent = p["q_win"].shape[1], p["q_ent"].shape[1]
+    return {
+        "window_scores": 2 * (2 * h * rows_win * n * d),  # q.k in both passes
+        "entropy": 2 * h * rows_ent * n * d,
+        "merge": 2 * h_kv * (n - kept_count) * kept_count * d,  # all-pairs cosine match
+    }
+
+
+def time_ops(p, kept, pooled, backend, timer):
+    c, lay, row, n = p["cache"], p["layout"], p["row"], p["n"]
+    merged = K.paged_merge(c, lay, row, n, kept, "average", backend=backend)
+    scratch = clone_cache(c)
+    ops = {
+        "gather": lambda: K.gather_kv(c, lay, row, n, backend=backend),
+        "window_scores": lambda: K.paged_window_scores(
+            p["q_win"], p["q_win_pos"], c, lay, row, n, backend=backend
+        ),
+        "pool": lambda: K.pool_scores(pooled, POOL_KERNEL, "max", backend=backend),
+        "entropy": lambda: K.paged_cross_modal_entropy(
+            p["q_ent"], p["ent_pos"], c, lay, row, n, p["vis"], backend=backend
+        ),
+        "topk": lambda: select_kept(pooled, p["budget"], p["window"]),
+        "merge": lambda: K.paged_merge(c, lay, row, n, kept, "average", backend=backend),
+        # idempotent: always writes the same values into slots [0, P)
+        "compact": lambda: K.compact_(scratch, lay, row, kept, *merged, backend=backend),
+        "compact_gather": lambda: K.compact_(scratch, lay, row, kept, backend=backend),
+    }
+    return {name: timer(fn) for name, fn in ops.items()}
+
+
+def prefill_attention_ms(h, h_kv, d, n, device, dtype, timer):
+    """One layer's causal prefill attention over n tokens (K/V expanded to all heads:
+    the same FLOPs a GQA-aware FlashAttention performs)."""
+    q = torch.randn(1, h, n, d, device=device, dtype=dtype)
+    k = torch.randn(1, h_kv, n, d, device=device, dtype=dtype)
+    v = torch.randn_like(k)
+    k = k.repeat_interleave(h // h_kv, dim=1)
+    v = v.repeat_interleave(h // h_kv, dim=1)
+    fn = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return timer(fn)
+
+
+STEP_OPS = ("window_scores", "pool", "entropy", "topk", "merge", "compact")
+
+
+# ---------------------------------------------------------------------- main
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny CPU smoke run")
+    ap.add_argument("--sizes", type=str, default=None, help="comma-separated N values")
+    ap.add_argument("--out", type=str, default=os.environ.get("OUT", "./bench_out"))
+    args = ap.parse_args(argv)
+
+    quick = args.quick
+    if quick:
+        device = torch.device("cpu")
+        interp = os.environ.get("TRITON_INTERPRET", "0") == "1"
+        backend = "triton" if interp else "torch"
+        geometries = QUICK_GEOMETRIES
+        sizes = [40, 100]
+    else:
+        if not torch.cuda.is_available():
+            print("no CUDA device: use --quick for the CPU smoke run", file=sys.stderr)
+            return 2
+        device = torch.device("cuda")
+        backend = "triton"
+        geometries = GEOMETRIES
+        sizes = [2048, 8192, 32768]
+    if args.sizes:
+        sizes = [int(x) for x in args.sizes.split(",")]
+    dtype = torch.bfloat16
+    timer = make_timer(quick)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+
+    import triton
+
+    env = dict(
+        device=(
+            torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+        ),
+        torch=torch.__version__,
+        triton=triton.__version__,
+        backend=backend,
+        quick=quick,
+        dtype=str(dtype),
+        block_size=BLOCK_SIZE,
+        window=WINDOW,
+        rho=RHO,
+    )
+    copy_gbps = copy_bandwidth(timer, device, quick)
+    print(f"device {env['device']} | torch {env['torch']} | triton {env['triton']}")
+    print(f"copy bandwidth (clone): {copy_gbps:8.1f} GB/s")
+
+    results = []
+    all_ok = True
+    for name, (h, h_kv, d) in geometries.items():
+        for n in sizes:
+            p = build_problem(h, h_kv, d, n, device, dtype)
+            checks, kept, pooled = check_all(p, backend)
+            ok = all(r["ok"] for r in checks.values())
+            all_ok &= ok
+            times = time_ops(p, kept, pooled, backend, timer)
+            traffic = bytes_model(p, h_kv, d, kept.shape[1], p["cache"].element_size())
+            flops = flops_model(p, h, d, kept.shape[1])
+            attn_ms = prefill_attention_ms(h, h_kv, d, n, device, dtype, timer)
+            step_ms = sum(times[op] for op in STEP_OPS)
+            print(
+                f"\n== {name} N={n} (H={h}, H_kv={h_kv}, D={d}, kept={kept.shape[1]}) "
+                f"correct={'yes' if ok else 'NO'}"
+            )
+            ops = {}
+            for op, ms in times.items():
+                gbps = traffic[op] / (ms * 1e-3) / 1e9
+                tflops = flops[op] / (ms * 1e-3) / 1e12 if op in flops else None
+                ops[op] = dict(
+                    ms=ms,
+                    bytes=traffic[op],
+                    gbps=gbps,
+                    frac_copy=gbps / copy_gbps,
+                    tflops=tflops,
+                    **{k: v for k, v in checks.get(op, {}).items()},
+                )
+                status = checks.get(op, {}).get("ok", True)
+                print(
+                    f"{op:15s} {ms:9.3f} ms {gbps:9.1f} GB/s  {gbps / copy_gbps:6.1%} of copy"
+                    f"{'' if tflops is None else f'  {tflops:7.1f} TFLOP/s'}"
+                    f"{'' if status else '  MISMATCH ' + str(checks[op])}"
+                )
+            attn_tflops = 2 * h * n * n * d / (attn_ms * 1e-3) / 1e12  # causal: half of 4hN^2d
+            print(
+                f"{'prefill attn':15s} {attn_ms:9.3f} ms (one layer, causal SDPA, "
+                f"{attn_tflops:.1f} TFLOP/s)"
+            )
+            print(
+                f"{'compress step':15s} {step_ms:9.3f} ms = {step_ms / attn_ms:6.1%} "
+                f"of prefill attention"
+            )
+            results.append(
+                dict(
+                    model=name,
+                    n=n,
+                    heads=h,
+                    kv_heads=h_kv,
+                    head_size=d,
+                    kept=int(kept.shape[1]),
+                    correct=ok,
+                    ops=ops,
+                    prefill_attention_ms=attn_ms,
+                    prefill_attention_tflops=attn_tflops,
+                    compress_step_ms=step_ms,
+                    step_over_attention=step_ms / attn_ms,
+                )
+            )
+            del p, kept, pooled
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    report = dict(
+        env=env,
+        copy_gbps=copy_gbps,
+        results=results,
+        all_correct=all_ok,
+        wall_s=time.time() - started,
+    )
+    (out_dir / "bench_kernels.json").write_text(json.dumps(report, indent=2))
+    (out_dir / "bench_kernels.md").write_text(markdown(report))
+    print(
+        f"\nwrote {out_dir / 'bench_kernels.json'} and .md in {report['wall_s']:.1f} s; "
+        f"all correct: {all_ok}"
+    )
+    return 0 if all_ok else 1
+
+
+def markdown(report) -> str:
+    env = report["env"]
+    lines = [
+        f"# Kernel benchmark ({env['device']}, torch {env['torch']}, triton {env['triton']})",
+        "",
+        f"Copy bandwidth (clone): **{report['copy_gbps']:.0f} GB/s**. bf16, block size "
+        f"{env['block_size']}, window {env['window']}, rho {env['rho']}.",
+        "",
+        "| model | N | op | ms | GB/s | % of copy | TFLOP/s | correct |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["results"]:
+        for op, o in r["ops"].items():
+            lines.append(
+                f"| {r['model']} | {r['n']} | {op} | {o['ms']:.3f} | {o['gbps']:.0f} | "
+                f"{o['frac_copy']:.0%} | "
+                f"{'' if o['tflops'] is None else format(o['tflops'], '.1f')} | "
+                f"{'yes' if o.get('ok', True) else 'NO'} |"
+            )
+    lines += [
+        "",
+        "| model | N | prefill attention (ms) | compression step (ms) | step / attention |",
+        "|---|---|---|---|---|",
+    ]
+    for r in report["results"]:
+        lines.append(
+            f"| {r['model']} | {r['n']} | {r['prefill_attention_ms']:.3f} | "
+            f"{r['compress_step_ms']:.3f} | {r['step_over_attention']:.1%} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""Gather one request's K and V out of the paged cache into dense ``[H_kv, P, D]`` tensors.
+
+Token ``i`` of the request lives at page ``row[i // block_size]``, slot ``i % block_size``.
+``gather_kv`` takes the first ``n`` tokens; ``gather_kv_at`` takes per-head positions
+``[H_kv, P]`` (used by merging and compaction). Traffic: read ``P*H_kv*D`` elements of K
+and of V, write the same amount.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .dispatch import launchable, resolve_backend
+from .layout import PagedKVLayout, check_cache, check_positions, check_row
+
+
+@triton.jit
+def _gather_kernel(
+    cache_ptr,
+    row_ptr,
+    pos_ptr,
+    out_k_ptr,
+    out_v_ptr,
+    num_tokens,
+    pos_stride_h,
+    block_stride,
+    head_stride,
+    k_offset,
+    k_token_stride,
+    k_dim_stride,
+    v_offset,
+    v_token_stride,
+    v_dim_stride,
+    out_stride_h,
+    out_stride_t,
+    BLOCK_SIZE: tl.constexpr,
+    HEAD_SIZE: tl.constexpr,
+    HAS_POS: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    head = tl.program_id(1).to(tl.int64)
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    mask_t = offs_t < num_tokens
+    if HAS_POS:
+        tok = tl.load(pos_ptr + head * pos_stride_h + offs_t, mask=mask_t, other=0).to(tl.int64)
+    else:
+        tok = offs_t.to(tl.int64)
+    page = tl.load(row_ptr + tok // BLOCK_SIZE, mask=mask_t, other=0).to(tl.int64)
+    slot = tok % BLOCK_SIZE
+    base = page * block_stride + head * head_stride
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = mask_t[:, None] & (offs_d < HEAD_SIZE)[None, :]
+
+    k_addr = (base + k_offset + slot * k_token_stride)[:, None] + offs_d[None, :] * k_dim_stride
+    v_addr = (base + v_offset + slot * v_token_stride)[:, None] + offs_d[None, :] * v_dim_stride
+    k = tl.load(cache_ptr + k_addr, mask=mask)
+    v = tl.load(cache_ptr + v_addr, mask=mask)
+
+    out = head * out_stride_h + offs_t.to(tl.int64)[:, None] * out_stride_t + offs_d[None, :]
+    tl.store(out_k_ptr + out, k, mask=mask)
+    tl.store(out_v_ptr + out, v, mask=mask)
+
+
+def _launch(cache, layout: PagedKVLayout, row, positions, num_tokens: int):
+    h_kv, d = layout.num_kv_heads, layout.head_size
+    out_k = torch.empty((h_kv, num_tokens, d), dtype=cache.dtype, device=cache.device)
+    out_v = torch.empty_like(out_k)
+    if num_tokens == 0:
+        return out_k, out_v
+    has_pos = positions is not None
+    if has_pos:
+        positions = positions.contiguous()
+    block_t = 64 if cache.device.type == "cuda" else 256
+    grid = (triton.cdiv(num_tokens, block_t), h_kv)
+    launchable(_gather_kernel, cache.device)[grid](
+        cache,
+        row,
+        positions if has_pos else row,
+        out_k,
+        out_v,
+        num_tokens,
+        positions.stride(0) if has_pos else 0,
+        layout.block_stride,
+        layout.head_stride,
+        layout.k_offset,
+        layout.k_token_stride,
+        layout.k_dim_stride,
+        layout.v_offset,
+        layout.v_token_stride,
+        layout.v_dim_stride,
+        out_k.stride(0),
+        out_k.stride(1),
+        BLOCK_SIZE=layout.block_size,
+        HEAD_SIZE=d,
+        HAS_POS=has_pos,
+        BLOCK_T=block_t,
+        BLOCK_D=triton.next_power_of_2(d),
+    )
+    return out_k, out_v
+
+
+# ---------------------------------------------------------------------- references
+def gather_pages_reference(view, layout: PagedKVLayout, row, n: int) -> torch.Tensor:
+    """First ``n`` tokens of a ``[nb, H_kv, bs, D]`` page view as ``[H_kv, n, D]``."""
+    blocks = row[: -(-n // layout.block_size)].long()
+    pages = view[blocks]  # [nblk, H, bs, D]
+    flat = pages.transpose(0, 1).reshape(layout.num_kv_heads, -1, layout.head_size)
+    return flat[:, :n].contiguous()
+
+
+def gather_kv_reference(cache, layout: PagedKVLayout, row, n: int):
+    """Torch reference of :func:`gather_kv` (also the CPU path)."""
+    return (
+        gather_pages_reference(layout.k_view(cache), layout, row, n),
+        gather_pages_reference(layout.v_view(cache), layout, row, n),
+    )
+
+
+def gather_kv_at_reference(cache, layout: PagedKVLayout, row, positions):
+    """Torch reference of :func:`gather_kv_at` (also the CPU path)."""
+    pos = positions.long()
+    pages = row.long()[pos // layout.block_size]
+    slots = pos % layout.block_size
+    heads = torch.arange(layout.num_kv_heads, device=cache.device)[:, None]
+    k = layout.k_view(cache)[pages, heads, slots]
+    v = layout.v_view(cache)[pages, heads, slots]
+    return k, v
+
+
+# ---------------------------------------------------------------------- public ops
+def gather_kv(
+    cache: torch.Tensor,
+    layout: PagedKVLayout,
+    row: torch.Tensor,
+    n: int,
+    *,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V of the request's first ``n`` tokens, each ``[H_kv, n, D]`` in the cache dtype."""
+    check_cache(cache, layout)
+    check_row(row, cache, layout, n)
+    if resolve_backend(backend, cache.device) == "torch":
+        return gather_kv_reference(cache, layout, row, n)
+    return _launch(cache, layout, row, None, n)
+
+
+def gather_kv_at(
+    cache: torch.Tensor,
+    layout: PagedKVLayout,
+    row: torch.Tensor,
+    positions: torch.Tensor,
+    *,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V at per-head positions ``[H_kv, P]``, each ``[H_kv, P, D]``."""
+    check_cache(cache, layout)
+    limit = row.shape[0] * layout.block_size if isinstance(row, torch.Tensor) else 0
+    check_row(row, cache, layout, limit)
+    check_positions(
+        positions, "positions", layout.num_kv_heads, limit, cache.device, ascending=False
+    )
+    if resolve_backend(backend, cache.device) == "torch":
+        return gather_kv_at_reference(cache, layout, row, positions)
+    return _launch(cache, layout, row, positions, positions.shape[1])

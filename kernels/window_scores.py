@@ -1,0 +1,341 @@
+"""Observation-window attention scores straight from the paged cache (SnapKV building block).
+
+``score[h_kv, i] = 1/g * sum_{query heads of group h_kv} sum_r softmax_i(q_r . k_i * scale)``
+with the causal mask ``i <= q_pos[r]`` and fp32 softmax. Two passes over K, never more
+than one ``[BLOCK_R, BLOCK_N]`` tile of probabilities alive:
+
+1. split-K row statistics: each program scans a chunk of keys for all ``g*R`` rows of
+   one KV head with an online softmax (running max ``m``, sum ``l``, base 2);
+2. a tiny combine kernel folds the chunks into ``lse = m + log2(l)`` per row;
+3. one program per (key tile, KV head) recomputes ``q . k`` and sums
+   ``exp2(s - lse)`` over rows: every key tile is owned by one program, so no atomics.
+
+Traffic: K is read twice (``2*n*H_kv*D`` elements), Q ``(n/BLOCK_N + splits)`` times
+(small, stays in L2), output ``n*H_kv`` fp32. V is never read.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .dispatch import dot_in_fp32, is_interpreted, launchable, plan_splits, resolve_backend
+from .gather import gather_pages_reference
+from .layout import PagedKVLayout, check_cache, check_queries, check_row
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _row_stats_kernel(
+    q_ptr,
+    q_pos_ptr,
+    cache_ptr,
+    row_ptr,
+    m_ptr,
+    l_ptr,
+    n,
+    rows_per_head,
+    group_rows,
+    keys_per_split,
+    q_stride_h,
+    q_stride_r,
+    q_stride_d,
+    block_stride,
+    head_stride,
+    k_offset,
+    k_token_stride,
+    k_dim_stride,
+    qk_scale,
+    GROUP: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    HEAD_SIZE: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    kv_head = tl.program_id(0)
+    split = tl.program_id(1)
+    num_splits = tl.num_programs(1)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_SIZE
+    key_lo = split * keys_per_split
+    key_hi = tl.minimum(key_lo + keys_per_split, n)
+    head_base = kv_head.to(tl.int64) * head_stride + k_offset
+
+    for row_lo in range(0, group_rows, BLOCK_R):
+        rr = row_lo + tl.arange(0, BLOCK_R)
+        mask_r = rr < group_rows
+        q_head = kv_head * GROUP + rr // rows_per_head
+        r = rr % rows_per_head
+        q_addr = q_head.to(tl.int64) * q_stride_h + r * q_stride_r
+        q = tl.load(
+            q_ptr + q_addr[:, None] + offs_d[None, :] * q_stride_d,
+            mask=mask_r[:, None] & mask_d[None, :],
+            other=0.0,
+        )
+        q_pos = tl.load(q_pos_ptr + r, mask=mask_r, other=-1).to(tl.int64)
+        if DOT_FP32:
+            q = q.to(tl.float32)
+
+        m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_R], tl.float32)
+        for key_start in range(key_lo, key_hi, BLOCK_N):
+            keys = key_start + tl.arange(0, BLOCK_N)
+            mask_n = keys < key_hi
+            page = tl.load(row_ptr + keys // BLOCK_SIZE, mask=mask_n, other=0).to(tl.int64)
+            k_addr = page * block_stride + head_base + (keys % BLOCK_SIZE) * k_token_stride
+            k = tl.load(
+                cache_ptr + k_addr[:, None] + offs_d[None, :] * k_dim_stride,
+                mask=mask_n[:, None] & mask_d[None, :],
+                other=0.0,
+            )
+            if DOT_FP32:
+                s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
+            else:
+                s = tl.dot(q, tl.trans(k))
+            visible = (keys[None, :] <= q_pos[:, None]) & mask_n[None, :]
+            s = tl.where(visible, s * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(s - m_use[:, None])
+            l_i = l_i * tl.exp2(m_i - m_use) + tl.sum(p, 1)
+            m_i = m_new
+
+        out = (kv_head * num_splits + split).to(tl.int64) * group_rows + rr
+        tl.store(m_ptr + out, m_i, mask=mask_r)
+        tl.store(l_ptr + out, l_i, mask=mask_r)
+
+
+@triton.jit
+def _lse_kernel(m_ptr, l_ptr, lse_ptr, group_rows, num_splits, BLOCK_R: tl.constexpr):
+    kv_head = tl.program_id(0)
+    rr = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask_r = rr < group_rows
+    m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_R], tl.float32)
+    for split in range(0, num_splits):
+        at = (kv_head * num_splits + split).to(tl.int64) * group_rows + rr
+        m_s = tl.load(m_ptr + at, mask=mask_r, other=float("-inf"))
+        l_s = tl.load(l_ptr + at, mask=mask_r, other=0.0)
+        m_new = tl.maximum(m_i, m_s)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l_i = l_i * tl.exp2(m_i - m_use) + l_s * tl.exp2(m_s - m_use)
+        m_i = m_new
+    # Rows with no visible key get lse = +inf, so their probabilities are exactly 0.
+    lse = tl.where(l_i > 0, m_i + tl.log2(tl.maximum(l_i, 1e-30)), float("inf"))
+    tl.store(lse_ptr + kv_head.to(tl.int64) * group_rows + rr, lse, mask=mask_r)
+
+
+@triton.jit
+def _scores_kernel(
+    q_ptr,
+    q_pos_ptr,
+    cache_ptr,
+    row_ptr,
+    lse_ptr,
+    out_ptr,
+    n,
+    rows_per_head,
+    group_rows,
+    q_stride_h,
+    q_stride_r,
+    q_stride_d,
+    block_stride,
+    head_stride,
+    k_offset,
+    k_token_stride,
+    k_dim_stride,
+    qk_scale,
+    inv_group,
+    GROUP: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    HEAD_SIZE: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    kv_head = tl.program_id(1)
+    keys = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = keys < n
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_SIZE
+    page = tl.load(row_ptr + keys // BLOCK_SIZE, mask=mask_n, other=0).to(tl.int64)
+    k_addr = (
+        page * block_stride
+        + kv_head.to(tl.int64) * head_stride
+        + k_offset
+        + (keys % BLOCK_SIZE) * k_token_stride
+    )
+    k = tl.load(
+        cache_ptr + k_addr[:, None] + offs_d[None, :] * k_dim_stride,
+        mask=mask_n[:, None] & mask_d[None, :],
+        other=0.0,
+    )
+    if DOT_FP32:  # noqa: SIM108 (explicit constexpr branches in kernels)
+        k_t = tl.trans(k.to(tl.float32))
+    else:
+        k_t = tl.trans(k)
+
+    acc = tl.zeros([BLOCK_N], tl.float32)
+    for row_lo in range(0, group_rows, BLOCK_R):
+        rr = row_lo + tl.arange(0, BLOCK_R)
+        mask_r = rr < group_rows
+        q_head = kv_head * GROUP + rr // rows_per_head
+        r = rr % rows_per_head
+        q_addr = q_head.to(tl.int64) * q_stride_h + r * q_stride_r
+        q = tl.load(
+            q_ptr + q_addr[:, None] + offs_d[None, :] * q_stride_d,
+            mask=mask_r[:, None] & mask_d[None, :],
+            other=0.0,
+        )
+        q_pos = tl.load(q_pos_ptr + r, mask=mask_r, other=-1).to(tl.int64)
+        lse = tl.load(
+            lse_ptr + kv_head.to(tl.int64) * group_rows + rr, mask=mask_r, other=float("inf")
+        )
+        if DOT_FP32:  # noqa: SIM108
+            s = tl.dot(q.to(tl.float32), k_t, input_precision="ieee")
+        else:
+            s = tl.dot(q, k_t)
+        visible = (keys[None, :] <= q_pos[:, None]) & mask_n[None, :]
+        # Hidden keys become -inf before exp2: -inf - lse is -inf (even for lse = +inf).
+        s = tl.where(visible, s * qk_scale, float("-inf"))
+        p = tl.exp2(s - lse[:, None])
+        acc += tl.sum(p, 0)
+
+    tl.store(out_ptr + kv_head.to(tl.int64) * n + keys, acc * inv_group, mask=mask_n)
+
+
+def _launch(q, q_pos, cache, layout: PagedKVLayout, row, n: int, scale: float, group: int):
+    h_kv, d = layout.num_kv_heads, layout.head_size
+    device = cache.device
+    out = torch.zeros((h_kv, n), dtype=torch.float32, device=device)
+    rows = q.shape[1]
+    group_rows = group * rows
+    if n == 0 or rows == 0:
+        return out
+    interp = is_interpreted(device)
+    block_d = max(16, triton.next_power_of_2(d))
+    block_r = min(256 if interp else 64, max(16, triton.next_power_of_2(group_rows)))
+    block_n = 128 if interp else 64
+    dot_fp32 = dot_in_fp32(q.dtype, cache.dtype, device)
+    qk_scale = scale * LOG2E
+    keys_per_split, splits = plan_splits(n, block_n, h_kv, device)
+    m = torch.empty((h_kv, splits, group_rows), dtype=torch.float32, device=device)
+    l_sum = torch.empty_like(m)
+    lse = torch.empty((h_kv, group_rows), dtype=torch.float32, device=device)
+    geometry = dict(
+        GROUP=group,
+        BLOCK_SIZE=layout.block_size,
+        HEAD_SIZE=d,
+        DOT_FP32=dot_fp32,
+        BLOCK_R=block_r,
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
+    )
+    k_layout = (
+        layout.block_stride,
+        layout.head_stride,
+        layout.k_offset,
+        layout.k_token_stride,
+        layout.k_dim_stride,
+    )
+    warps = 4 if block_r * block_n <= 4096 else 8
+    launchable(_row_stats_kernel, device)[(h_kv, splits)](
+        q,
+        q_pos,
+        cache,
+        row,
+        m,
+        l_sum,
+        n,
+        rows,
+        group_rows,
+        keys_per_split,
+        *q.stride(),
+        *k_layout,
+        qk_scale,
+        **geometry,
+        num_warps=warps,
+    )
+    block_c = min(1024, triton.next_power_of_2(group_rows))
+    launchable(_lse_kernel, device)[(h_kv, triton.cdiv(group_rows, block_c))](
+        m, l_sum, lse, group_rows, splits, BLOCK_R=block_c
+    )
+    launchable(_scores_kernel, device)[(triton.cdiv(n, block_n), h_kv)](
+        q,
+        q_pos,
+        cache,
+        row,
+        lse,
+        out,
+        n,
+        rows,
+        group_rows,
+        *q.stride(),
+        *k_layout,
+        qk_scale,
+        1.0 / group,
+        **geometry,
+        num_warps=warps,
+    )
+    return out
+
+
+# ---------------------------------------------------------------------- reference
+def paged_window_scores_reference(
+    q, q_pos, cache, layout: PagedKVLayout, row, n: int, scale: float | None = None
+):
+    """Torch reference of :func:`paged_window_scores` (also the CPU path).
+
+    Materialises at most ``~2^24`` probabilities at a time (row chunks).
+    """
+    h_kv, d = layout.num_kv_heads, layout.head_size
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    heads, rows, _ = q.shape
+    group = heads // h_kv
+    out = torch.zeros((h_kv, n), dtype=torch.float32, device=cache.device)
+    if n == 0 or rows == 0:
+        return out
+    k = gather_pages_reference(layout.k_view(cache), layout, row, n).float()  # [H_kv, n, D]
+    qg = q.float().reshape(h_kv, group, rows, d)
+    keys = torch.arange(n, device=cache.device)
+    chunk = max(1, (1 << 24) // max(1, heads * n))
+    for lo in range(0, rows, chunk):
+        hi = min(rows, lo + chunk)
+        s = torch.einsum("hgrd,hnd->hgrn", qg[:, :, lo:hi], k) * scale
+        hidden = keys[None, :] > q_pos[lo:hi, None].long()
+        s = s.masked_fill(hidden, float("-inf"))
+        out += torch.softmax(s, dim=-1).nan_to_num(0.0).sum(dim=(1, 2))
+    return out / group
+
+
+# ---------------------------------------------------------------------- public op
+def paged_window_scores(
+    q: torch.Tensor,
+    q_pos: torch.Tensor,
+    cache: torch.Tensor,
+    layout: PagedKVLayout,
+    row: torch.Tensor,
+    n: int,
+    scale: float | None = None,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Causal window-attention column sums per KV head: fp32 ``[H_kv, n]``.
+
+    ``q [H, R, D]`` are the window's query rows (post-RoPE), ``q_pos [R]`` their prompt
+    positions (ascending, in ``[0, n)``); ``scale`` defaults to ``1/sqrt(D)``.
+    """
+    check_cache(cache, layout)
+    check_row(row, cache, layout, n)
+    group = check_queries(q, q_pos, layout, cache, n)
+    scale = 1.0 / math.sqrt(layout.head_size) if scale is None else float(scale)
+    if resolve_backend(backend, cache.device) == "torch":
+        return paged_window_scores_reference(q, q_pos, cache, layout, row, n, scale)
+    return _launch(q, q_pos, cache, layout, row, n, scale, group)

@@ -1,0 +1,124 @@
+"""The one entry point: a request's per-layer views in, per-layer kept positions out.
+
+Flow of ``compress``:
+1. budgets: ``policy.layer_budgets`` (uniform and PyramidKV read no view; MEDA reads every
+   layer once for its entropy; MadaKV reads every layer once, in order, for HCC);
+2. selection: every layer is read (again) and ranked, the best ``P_l`` positions kept
+   (``P_l = S_l``, or more when padding to a common physical length);
+3. merging of the evicted entries into the kept ones, on the final kept set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from meda_vllm.config import KVPolicyConfig
+from meda_vllm.merging import merge_evicted
+from meda_vllm.policies import Policy, build_policy
+from meda_vllm.selection import rank_positions, take_best, window_scores
+from meda_vllm.types import CompressionPlan, LayerPlan, LayerView
+
+
+def required_query_positions(cfg: KVPolicyConfig, n: int, vis: Tensor | None) -> Tensor:
+    """Ascending prompt positions whose query rows the engine must capture in every layer.
+
+    The last ``min(kv_window, n)`` positions; H2O: the last ``min(kv_h2o_max_queries, n)``;
+    MEDA: also the entropy sample (``modality.entropy_query_positions``). Empty for
+    ``none``/``full`` and when the budget keeps the whole prompt.
+    """
+    policy = build_policy(cfg)
+    if not policy.evicts or cfg.budget_tokens(n) >= n:
+        return torch.empty(0, dtype=torch.long)
+    return policy.query_positions(n, vis).long()
+
+
+def score_rows(cfg: KVPolicyConfig, n: int) -> int:
+    """How many of the last prompt queries ``LayerView.window_scores`` must sum over."""
+    return build_policy(cfg).score_rows(n)
+
+
+def compress(
+    get_view: Callable[[int], LayerView],
+    num_layers: int,
+    cfg: KVPolicyConfig,
+    n_tokens: int,
+    *,
+    pad_to: int | Literal["max"] | None = None,
+) -> CompressionPlan | None:
+    """Plan the compression of one request's prompt cache; None when nothing is evicted.
+
+    ``get_view(l)`` returns layer ``l``'s view; it may be called twice per layer (budget
+    pass, then selection pass). ``pad_to``: ``None`` keeps exactly ``S_l`` per layer;
+    ``"max"`` tops every layer up to the largest layer budget; an int ``P`` tops up to
+    ``min(P, N)`` and must be at least the largest layer budget. Padding adds the next
+    best positions by the layer's own ranking; ``LayerPlan.budget`` stays ``S_l``.
+    """
+    if num_layers < 1:
+        raise ValueError(f"num_layers must be >= 1 (got {num_layers})")
+    if n_tokens < 0:
+        raise ValueError(f"n_tokens must be >= 0 (got {n_tokens})")
+    policy = build_policy(cfg)
+    n = n_tokens
+    budget = cfg.budget_tokens(n)
+    if not policy.evicts or budget >= n:
+        return None
+
+    def checked_view(layer: int) -> LayerView:
+        view = get_view(layer)
+        if view.keys.shape[1] != n:
+            raise ValueError(f"layer {layer} view has {view.keys.shape[1]} tokens, expected {n}")
+        return view
+
+    alloc = policy.layer_budgets(checked_view, num_layers, n, budget)
+    budgets = [min(n, b) for b in alloc.budgets]
+    if len(budgets) != num_layers:
+        raise RuntimeError(f"{policy.name} returned {len(budgets)} budgets for {num_layers}")
+    if all(b >= n for b in budgets):
+        return None
+    physical = _physical_length(pad_to, budgets, n)
+
+    layers = []
+    for layer in range(num_layers):
+        view = checked_view(layer)
+        layers.append(_plan_layer(policy, view, budgets[layer], max(physical, budgets[layer])))
+    return CompressionPlan(
+        layers=layers,
+        n_tokens=n,
+        policy=policy.name,
+        fallback=alloc.fallback,
+        entropy=alloc.entropy,
+        layer_budgets=budgets,
+    )
+
+
+def _physical_length(pad_to: int | str | None, budgets: list[int], n: int) -> int:
+    if pad_to is None:
+        return 0
+    if pad_to == "max":
+        return max(budgets)
+    if isinstance(pad_to, bool) or not isinstance(pad_to, int):
+        raise ValueError(f"pad_to must be None, 'max' or an int (got {pad_to!r})")
+    physical = min(pad_to, n)
+    if physical < max(budgets):
+        raise ValueError(f"pad_to={pad_to} is below the largest layer budget {max(budgets)}")
+    return physical
+
+
+def _plan_layer(policy: Policy, view: LayerView, budget: int, physical: int) -> LayerPlan:
+    n = view.N
+    device = view.keys.device
+    if physical >= n:
+        kept = torch.arange(n, device=device).expand(view.H_kv, n).contiguous()
+        return LayerPlan(kept=kept, keys=None, values=None, budget=budget)
+    ranking = policy.ranking(view, budget)
+    order = rank_positions(ranking.score, tiebreak=ranking.tiebreak, tier=ranking.tier)
+    kept = take_best(order, physical)
+    weights = ranking.attention
+    if policy.merge == "weighted" and weights is None:
+        weights = window_scores(view, policy.score_rows(n))
+    keys, values = merge_evicted(view.keys, view.values, kept, policy.merge, weights)
+    return LayerPlan(kept=kept, keys=keys, values=values, budget=budget)

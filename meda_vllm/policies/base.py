@@ -1,0 +1,113 @@
+"""What every policy shares: window scores, pooling, forced-keep tiers, uniform budgets.
+
+A policy is a frozen dataclass built from ``KVPolicyConfig``. It says how to score
+positions (``raw_score``, pooled into ``score``), which positions are forced (``tiers``:
+higher tiers are kept first, whatever their score) and, optionally, how to split the
+budget over layers (``layer_budgets``). Ranking, padding and merging live in
+``compress.py``, once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from meda_vllm.budgets import LayerBudgets, uniform_budgets
+from meda_vllm.config import KVPolicyConfig
+from meda_vllm.selection import pool_scores, recent_mask, window_scores
+from meda_vllm.types import LayerView
+
+GetView = Callable[[int], LayerView]
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """How one layer orders its positions (see ``selection.rank_positions``).
+
+    ``score``/``tiebreak``: ``[H_kv, N]``; ``tier``: ``[N]`` or ``[H_kv, N]`` ints or None;
+    ``attention``: the raw window column sums when the policy computed them (reused as
+    merge weights).
+    """
+
+    score: Tensor
+    tiebreak: Tensor | None = None
+    tier: Tensor | None = None
+    attention: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Policy:
+    name: ClassVar[str] = ""
+    default_merge: ClassVar[str] = "none"
+    evicts: ClassVar[bool] = True
+    # Whether kv_pooling applies; H2O, LOOK-M and StreamingLLM rank unpooled scores.
+    pooled: ClassVar[bool] = True
+
+    window: int = 32
+    pooling: str = "max"
+    pool_kernel: int = 7
+    merge: str = "none"
+    min_keep: int = 16
+
+    @classmethod
+    def from_config(cls, cfg: KVPolicyConfig) -> Policy:
+        return cls(**cls.config_fields(cfg))
+
+    @classmethod
+    def config_fields(cls, cfg: KVPolicyConfig) -> dict[str, Any]:
+        return {
+            "window": cfg.kv_window,
+            "pooling": cfg.kv_pooling if cls.pooled else "none",
+            "pool_kernel": cfg.kv_pool_kernel,
+            "merge": cfg.kv_merge or cls.default_merge,
+            "min_keep": cfg.kv_min_tokens_per_layer,
+        }
+
+    # --- what the engine must capture ---------------------------------------------------
+
+    def score_rows(self, n: int) -> int:
+        """How many of the last prompt queries the window scores sum over."""
+        return min(self.window, n)
+
+    def query_positions(self, n: int, vis: Tensor | None) -> Tensor:
+        """Ascending prompt positions whose query rows this policy reads."""
+        return torch.arange(n - max(self.score_rows(n), min(self.window, n)), n)
+
+    # --- scoring ------------------------------------------------------------------------
+
+    def raw_score(self, view: LayerView) -> Tensor:
+        """``[H_kv, N]`` fp32 importance before pooling (default: window column sums)."""
+        return window_scores(view, self.score_rows(view.N))
+
+    def score(self, view: LayerView) -> Tensor:
+        """``[H_kv, N]`` fp32 importance used for ranking."""
+        return pool_scores(self.raw_score(view), self.pooling, self.pool_kernel)
+
+    def protected_window(self, view: LayerView, budget: int) -> Tensor:
+        """``[N]`` bool: the last ``min(w, budget)`` positions, always kept."""
+        return recent_mask(view.N, min(self.window, budget), view.keys.device)
+
+    def tiers(self, view: LayerView, budget: int) -> Tensor | None:
+        """Forced-keep tiers for a layer budget of ``budget`` (default: the window)."""
+        return self.protected_window(view, budget).to(torch.int64)
+
+    def ranking(self, view: LayerView, budget: int) -> Ranking:
+        raw = self.raw_score(view)
+        return Ranking(
+            score=pool_scores(raw, self.pooling, self.pool_kernel),
+            tiebreak=raw,
+            tier=self.tiers(view, budget),
+            attention=raw,
+        )
+
+    # --- budgets ------------------------------------------------------------------------
+
+    def layer_budgets(
+        self, get_view: GetView, num_layers: int, n: int, budget: int
+    ) -> LayerBudgets:
+        """Per-layer budgets averaging ``budget`` (default: uniform; reads no view)."""
+        return LayerBudgets(uniform_budgets(num_layers, budget))

@@ -1,0 +1,79 @@
+"""MadaKV: per-head modality budgets from proxy-token attention (MPA) and layer budgets
+compensated in order over the layers (HCC). No merging by default."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from meda_vllm.budgets import HCCState, LayerBudgets, modality_demand
+from meda_vllm.config import KVPolicyConfig
+from meda_vllm.policies.base import GetView, Policy, Ranking
+from meda_vllm.selection import pool_scores, rank_positions
+from meda_vllm.types import LayerView
+
+
+def modality_quotas(psi: Tensor, vis: Tensor, forced: Tensor, budget: int) -> Tensor:
+    """``[H_kv]`` visual slots per head beyond the forced ones (the rest is text).
+
+    ``phi_v = w_v / (w_v + w_t) * budget`` counts the forced visual tokens; the quotas
+    are then capped by what each modality has left, the overflow going to the other.
+    """
+    n = psi.shape[1]
+    w_v = (psi * vis).sum(1)
+    w_t = (psi * ~vis).sum(1)
+    mass = w_v + w_t
+    share = torch.where(mass > 0, w_v / mass.clamp_min(1e-30), vis.float().mean().expand_as(w_v))
+    phi_v = torch.floor(share.double() * budget + 0.5).long()
+    free = budget - int(forced.sum())
+    q_v = (phi_v - int((vis & forced).sum())).clamp(0, free)
+    n_cv = int((vis & ~forced).sum())
+    n_ct = n - int(forced.sum()) - n_cv
+    q_v = q_v.clamp(max=n_cv)
+    q_v = torch.maximum(q_v, torch.full_like(q_v, free - n_ct))  # text cannot take it all
+    return q_v
+
+
+@dataclass(frozen=True)
+class MadaKVPolicy(Policy):
+    name = "madakv"
+
+    theta: float = 0.95
+
+    @classmethod
+    def config_fields(cls, cfg: KVPolicyConfig) -> dict[str, Any]:
+        return {**super().config_fields(cfg), "theta": cfg.kv_madakv_theta}
+
+    def ranking(self, view: LayerView, budget: int) -> Ranking:
+        psi = self.raw_score(view)
+        score = pool_scores(psi, self.pooling, self.pool_kernel)
+        forced = self.protected_window(view, budget)
+        vis = (
+            view.vis.to(psi.device)
+            if view.vis is not None
+            else torch.zeros(view.N, dtype=torch.bool, device=psi.device)
+        )
+        q_v = modality_quotas(psi, vis, forced, budget)
+        q_t = budget - int(forced.sum()) - q_v
+        chosen = torch.zeros(view.H_kv, view.N, dtype=torch.bool, device=psi.device)
+        slot = torch.arange(view.N, device=psi.device)[None, :]
+        for candidates, quota in ((vis & ~forced, q_v), (~vis & ~forced, q_t)):
+            # Candidates of this modality come first in `order`, best first.
+            order = rank_positions(score, tiebreak=psi, tier=candidates.to(torch.int64))
+            chosen |= torch.zeros_like(chosen).scatter_(1, order, slot < quota[:, None])
+        tier = 2 * forced.to(torch.int64)[None, :] + chosen.to(torch.int64)
+        return Ranking(score=score, tiebreak=psi, tier=tier, attention=psi)
+
+    def layer_budgets(
+        self, get_view: GetView, num_layers: int, n: int, budget: int
+    ) -> LayerBudgets:
+        # HCC is sequential: layer l's spend sets what the layers after it can have.
+        hcc = HCCState(num_layers, budget, n, self.min_keep)
+        for layer in range(num_layers):
+            view = get_view(layer)
+            demand = modality_demand(self.raw_score(view), view.vis, self.theta)
+            hcc.spend(float(demand.double().mean()))
+        return LayerBudgets(hcc.budgets)

@@ -1,0 +1,77 @@
+"""MEDA: layer budgets from cross-modal attention entropy, a recent window plus the top
+tokens (text first), and merging of the evicted entries (``average`` by default)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from meda_vllm.budgets import LayerBudgets, entropy_budgets, uniform_budgets
+from meda_vllm.config import KVPolicyConfig
+from meda_vllm.entropy import layer_entropy
+from meda_vllm.modality import entropy_query_positions
+from meda_vllm.policies.base import GetView, Policy
+from meda_vllm.selection import recent_mask
+from meda_vllm.types import LayerView
+
+
+@dataclass(frozen=True)
+class MEDAPolicy(Policy):
+    name = "meda"
+    default_merge = "average"
+
+    recent_fraction: float = 0.75
+    renormalize: bool = True
+    entropy_causal: bool = False
+    visual_stride: int = 8
+
+    @classmethod
+    def config_fields(cls, cfg: KVPolicyConfig) -> dict[str, Any]:
+        return {
+            **super().config_fields(cfg),
+            "recent_fraction": cfg.kv_meda_recent_fraction,
+            "renormalize": cfg.kv_meda_renormalize,
+            "entropy_causal": cfg.kv_meda_entropy_causal,
+            "visual_stride": cfg.kv_meda_visual_stride,
+        }
+
+    def query_positions(self, n: int, vis: Tensor | None) -> Tensor:
+        window = super().query_positions(n, vis)
+        sampled = entropy_query_positions(n, vis, self.window, self.visual_stride)
+        return torch.unique(torch.cat([window, sampled]))
+
+    def tiers(self, view: LayerView, budget: int) -> Tensor:
+        # Recent window M (at least the observation window), then text before vision.
+        recent = max(min(self.window, budget), round(self.recent_fraction * budget))
+        tier = 2 * recent_mask(view.N, recent, view.keys.device).to(torch.int64)
+        if view.vis is not None:
+            text = ~view.vis.to(tier.device)
+            tier = torch.where(tier == 0, text.to(torch.int64), tier)
+        return tier
+
+    def layer_budgets(
+        self, get_view: GetView, num_layers: int, n: int, budget: int
+    ) -> LayerBudgets:
+        # Pass 1 over the layers: one entropy each. The selection pass reads the views again.
+        entropy = []
+        vis = None
+        for layer in range(num_layers):
+            view = get_view(layer)
+            vis = view.vis
+            entropy.append(
+                layer_entropy(view, self.window, self.visual_stride, self.entropy_causal)
+            )
+        if any(math.isnan(e) for e in entropy):
+            if vis is None or not bool(vis.any()):
+                reason = "text_only"
+            elif bool(vis.all()):
+                reason = "vision_only"
+            else:
+                reason = "no_cross_modal_rows"
+            return LayerBudgets(uniform_budgets(num_layers, budget), None, reason)
+        budgets = entropy_budgets(entropy, budget, n, self.min_keep, renormalize=self.renormalize)
+        return LayerBudgets(budgets, entropy, None)

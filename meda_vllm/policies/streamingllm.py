@@ -1,0 +1,37 @@
+"""StreamingLLM: the first ``sink`` tokens and the most recent ones."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from meda_vllm.config import KVPolicyConfig
+from meda_vllm.policies.base import Policy
+from meda_vllm.selection import first_mask
+from meda_vllm.types import LayerView
+
+
+@dataclass(frozen=True)
+class StreamingLLMPolicy(Policy):
+    name = "streamingllm"
+    pooled = False
+
+    sink_tokens: int = 4
+
+    @classmethod
+    def config_fields(cls, cfg: KVPolicyConfig) -> dict[str, Any]:
+        return {**super().config_fields(cfg), "sink_tokens": cfg.kv_sink_tokens}
+
+    def raw_score(self, view: LayerView) -> Tensor:
+        # Recency is the score: later positions rank first.
+        pos = torch.arange(view.N, dtype=torch.float32, device=view.keys.device)
+        return pos.expand(view.H_kv, view.N)
+
+    def tiers(self, view: LayerView, budget: int) -> Tensor:
+        window = self.protected_window(view, budget)
+        # The window comes first; sinks take what is left of the budget.
+        sinks = first_mask(view.N, min(self.sink_tokens, budget - int(window.sum())), window.device)
+        return 2 * window.to(torch.int64) + (sinks & ~window).to(torch.int64)

@@ -1,0 +1,96 @@
+"""OpenAI-client helpers shared by the end-to-end tests."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+from openai import OpenAI
+
+from tests.e2e.server import VLLMServer
+
+
+def client(srv: VLLMServer) -> OpenAI:
+    return OpenAI(base_url=srv.url + "/v1", api_key="EMPTY", timeout=600, max_retries=0)
+
+
+def chat(srv: VLLMServer, content, max_tokens: int = 8, **extra):
+    c = client(srv)
+    model = c.models.list().data[0].id
+    return c.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": content}],
+        max_tokens=max_tokens,
+        temperature=0,
+        extra_body=extra or None,
+    )
+
+
+class MetricPeaks:
+    """Poll /metrics in a thread; keep the peak of some gauges and every sample."""
+
+    def __init__(self, srv: VLLMServer, names: list[str], period: float = 0.02):
+        self.srv, self.names, self.period = srv, names, period
+        self.peaks = dict.fromkeys(names, 0.0)
+        self.samples: list[dict[str, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                m = self.srv.metrics()
+            except Exception:  # noqa: BLE001 - the server may be busy; try again
+                m = {}
+            sample = {n: m[n] for n in self.names if n in m}
+            if sample:
+                self.samples.append(sample)
+            for n, v in sample.items():
+                self.peaks[n] = max(self.peaks[n], v)
+            time.sleep(self.period)
+
+    def __enter__(self) -> MetricPeaks:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        time.sleep(4 * self.period)
+        self._stop.set()
+        self._thread.join()
+
+
+def run_concurrently(fns: list[Callable[[], object]]) -> list[object]:
+    """Run callables in threads; re-raise the first exception."""
+    results: list[object] = [None] * len(fns)
+    errors: list[BaseException] = []
+
+    def runner(i: int, fn: Callable[[], object]) -> None:
+        try:
+            results[i] = fn()
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=runner, args=(i, f)) for i, f in enumerate(fns)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results
+
+
+def wait_idle(srv: VLLMServer, timeout: float = 60) -> dict[str, float]:
+    """Wait until nothing runs or waits; return the metrics then."""
+    deadline = time.time() + timeout
+    while True:
+        m = srv.metrics()
+        if (
+            m.get("vllm:num_requests_running", 0) == 0
+            and m.get("vllm:num_requests_waiting", 0) == 0
+        ):
+            return m
+        if time.time() > deadline:
+            return m
+        time.sleep(0.2)

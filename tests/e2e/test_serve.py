@@ -1,0 +1,189 @@
+"""`vllm serve --kv-policy ...` end to end on the tiny Qwen2-VL (CPU, real server)."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+
+from tests.e2e.client import MetricPeaks, chat, run_concurrently, wait_idle
+from tests.e2e.media import image_part, text_part, video_part
+from tests.e2e.server import run_cli
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+MEDA = ["--kv-policy", "meda", "--kv-budget", "0.2"]
+# 896x896 images are 1024 visual tokens with the tiny model's processor.
+LONG_IMAGE_SIDE = 896
+
+
+@pytest.fixture(scope="module")
+def meda_server(server_factory):
+    return server_factory("meda-0.2", MEDA)
+
+
+@pytest.fixture(scope="module")
+def none_server(server_factory):
+    return server_factory("none", ["--kv-policy", "none"])
+
+
+def long_image_request(seed: int) -> list[dict]:
+    return [image_part(seed, LONG_IMAGE_SIDE), text_part("Describe this picture in detail.")]
+
+
+def test_openai_client_image_images_video_text(meda_server):
+    cases = {
+        "one image": [image_part(0), text_part("What is in this image?")],
+        "several images": [image_part(1), image_part(2, 448), text_part("Compare them.")],
+        "video": [video_part(), text_part("Describe the video.")],
+        "text only": [text_part("Hello, who are you?")],
+        "long image": long_image_request(3),
+    }
+    for name, content in cases.items():
+        r = chat(meda_server, content, max_tokens=8)
+        assert r.choices[0].message.content, name
+        assert r.usage.completion_tokens > 0, name
+
+
+def long_requests(
+    srv, n_requests: int, max_tokens: int, images: int = 1, seed0: int = 0
+) -> MetricPeaks:
+    """Send long image requests at once; return the polled metrics."""
+
+    def content(seed: int):
+        parts = [image_part(seed * 10 + i, LONG_IMAGE_SIDE) for i in range(images)]
+        return [*parts, text_part("Describe this picture in detail.")]
+
+    fns = [
+        (lambda s=s: chat(srv, content(s), max_tokens=max_tokens, ignore_eos=True))
+        for s in range(seed0, seed0 + n_requests)
+    ]
+    names = ["vllm:kv_cache_usage_perc", "vllm:num_requests_running", "vllm:num_requests_waiting"]
+    with MetricPeaks(srv, names, period=0.005) as polled:
+        run_concurrently(fns)
+    wait_idle(srv)
+    return polled
+
+
+def usage_after_prefill(srv, seeds: list[int], max_decoded: int = 8) -> float:
+    """Sum over long image requests, sent one at a time, of the KV usage the server reports
+    right after the request's prefill: the first /metrics sample where it runs with at most
+    ``max_decoded`` tokens generated (the scheduler's stats are taken after compression, and
+    usage and generated tokens are recorded together). Retried when the poller was late."""
+    gen = "vllm:generation_tokens_total"
+    names = ["vllm:kv_cache_usage_perc", "vllm:num_requests_running", gen]
+    total = 0.0
+    for seed in seeds:
+        for _attempt in range(5):
+            before = srv.metrics().get(gen, 0.0)
+            with MetricPeaks(srv, names, period=0.002) as polled:
+                chat(srv, long_image_request(seed), max_tokens=512, ignore_eos=True)
+            early = [
+                s
+                for s in polled.samples
+                if s.get("vllm:num_requests_running") == 1
+                and s.get(gen, 0.0) - before <= max_decoded
+            ]
+            if early:
+                total += early[0]["vllm:kv_cache_usage_perc"]
+                break
+        else:
+            pytest.fail("could not sample KV usage right after prefill in 5 attempts")
+    return total
+
+
+@pytest.mark.parametrize("policy", ["snapkv", "meda"])
+def test_blocks_held_after_prefill_shrink_to_budget(server_factory, none_server, policy):
+    """KV blocks held by long image requests after prefill, 0.2 budget vs no compression."""
+    srv = server_factory(f"{policy}-0.2", ["--kv-policy", policy, "--kv-budget", "0.2"])
+    base = usage_after_prefill(none_server, [1, 2, 3, 4])
+    comp = usage_after_prefill(srv, [1, 2, 3, 4])
+    ratio = comp / base
+    print(f"{policy}: KV usage after prefill none={base:.4f} {policy}={comp:.4f} ratio={ratio:.3f}")
+    assert ratio <= 0.25
+
+
+def _greedy_tokens(srv, content) -> list[str]:
+    r = chat(srv, content, max_tokens=16, logprobs=True)
+    return [t.token for t in r.choices[0].logprobs.content]
+
+
+def test_budget_one_matches_stock_vllm_token_for_token(server_factory, none_server):
+    full = server_factory("meda-1.0", ["--kv-policy", "meda", "--kv-budget", "1.0"])
+    prompts = [
+        [image_part(10), text_part("What is in this image?")],
+        long_image_request(11),
+        [image_part(12), image_part(13), text_part("Compare.")],
+        [video_part(), text_part("Describe the video.")],
+        [text_part("Tell me a story about a cat.")],
+    ]
+    for content in prompts:
+        assert _greedy_tokens(full, content) == _greedy_tokens(none_server, content)
+
+
+def test_bad_request_values_get_400_and_server_keeps_serving(meda_server):
+    content = [image_part(0), text_part("What is in this image?")]
+    for bad in ({"kv_budget": -1}, {"kv_budget": 0}, {"kv_policy": "bogus"}, {"kv_window": 0}):
+        with pytest.raises(openai.BadRequestError) as exc:
+            chat(meda_server, content, vllm_xargs=bad)
+        assert next(iter(bad)) in str(exc.value)
+    r = chat(meda_server, content, vllm_xargs={"kv_budget": 0.5})
+    assert r.usage.completion_tokens > 0
+    r = chat(meda_server, content, vllm_xargs={"kv_policy": "none"})
+    assert r.usage.completion_tokens > 0
+
+
+def test_fifty_mixed_requests_leave_the_pool_fully_free(meda_server):
+    def content(i: int):
+        kind = i % 6
+        if kind == 0:
+            return long_image_request(i), {}
+        if kind == 1:
+            return [image_part(i), text_part("What is this?")], {"vllm_xargs": {"kv_budget": 0.1}}
+        if kind == 2:
+            return [text_part("Hi")], {}  # very short, text only
+        if kind == 3:
+            return [video_part(), text_part("Describe.")], {"vllm_xargs": {"kv_policy": "snapkv"}}
+        if kind == 4:
+            return [image_part(i), image_part(i + 1, 448), text_part("Both?")], {}
+        return [image_part(i, 448), text_part("Go.")], {"vllm_xargs": {"kv_policy": "none"}}
+
+    def one(i: int):
+        c, extra = content(i)
+        return chat(meda_server, c, max_tokens=4 + i % 12, **extra)
+
+    for start in range(0, 50, 10):
+        results = run_concurrently([lambda i=i: one(i) for i in range(start, start + 10)])
+        assert all(r.usage.completion_tokens > 0 for r in results)
+    m = wait_idle(meda_server)
+    assert m["vllm:num_requests_running"] == 0
+    assert m["vllm:kv_cache_usage_perc"] == 0.0
+
+
+def test_compression_multiplies_concurrent_long_requests(server_factory):
+    """Same small pool: how many long image requests run at once, with and without."""
+    # Requests of two 1024-token images (~2100 tokens, 66 blocks of 32); the pool holds
+    # 131 blocks (1 KiB per token for the tiny model): one request fits uncompressed.
+    pool = ["--kv-cache-memory-bytes", str(131 * 32 * 1024)]
+    base_srv = server_factory("small-none", ["--kv-policy", "none", *pool])
+    comp_srv = server_factory("small-meda", [*MEDA, *pool])
+    base = long_requests(base_srv, 8, 32, images=2).peaks["vllm:num_requests_running"]
+    comp = long_requests(comp_srv, 8, 32, images=2).peaks["vllm:num_requests_running"]
+    print(f"peak running: none={base} meda={comp}")
+    assert base >= 1
+    assert comp >= 3 * base
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--kv-policy", "foo"], "--kv-policy"),
+        (["--kv-budget", "0"], "kv_budget must be"),
+        (["--kv-policy", "meda", "--kv-policy-config", '{"kv_window": 0}'], "kv_window"),
+        (["--kv-policy", "meda", "--kv-policy-config", "{not json"], "--kv-policy-config"),
+    ],
+)
+def test_bad_flags_fail_at_startup_with_one_line(tiny_model_dir, flags, message):
+    proc = run_cli(["serve", str(tiny_model_dir), *flags])
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert message in last, proc.stderr[-2000:]

@@ -1,0 +1,161 @@
+"""paged_window_scores and pool_scores vs torch references vs dense brute force."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from meda_vllm.kernels import (
+    paged_window_scores,
+    paged_window_scores_reference,
+    pool_scores,
+)
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+
+
+def brute_window_scores(q, q_pos, k_dense, scale):
+    """Materialise every [R, n] attention matrix, one query head at a time."""
+    heads, rows, _ = q.shape
+    h_kv, n, _ = k_dense.shape
+    group = heads // h_kv
+    out = torch.zeros(h_kv, n, dtype=torch.float64)
+    causal = torch.arange(n)[None, :] <= q_pos[:, None]
+    for h in range(heads):
+        s = (q[h].double() @ k_dense[h // group].double().T) * scale
+        probs = torch.softmax(s.masked_fill(~causal, float("-inf")), dim=-1)
+        out[h // group] += probs.sum(0)
+    return (out / group).float()
+
+
+def make_queries(heads, rows, head_size, dtype, n, seed=0, spread=2.0, window=True):
+    gen = torch.Generator().manual_seed(seed)
+    q = (torch.randn(heads, rows, head_size, generator=gen) * spread).to(dtype)
+    if window:
+        q_pos = torch.arange(n - rows, n)
+    else:
+        q_pos = torch.sort(torch.randperm(n, generator=gen)[:rows]).values
+    return q, q_pos
+
+
+def _run(p, group, rows, dtype, window=True, scale=None):
+    q, q_pos = make_queries(
+        p.layout.num_kv_heads * group, rows, p.layout.head_size, dtype, p.n, window=window
+    )
+    got = paged_window_scores(q, q_pos, p.cache, p.layout, p.row, p.n, scale, backend="triton")
+    ref = paged_window_scores(q, q_pos, p.cache, p.layout, p.row, p.n, scale, backend="torch")
+    dense = brute_window_scores(
+        q, q_pos, p.dense()[0], scale or 1.0 / math.sqrt(p.layout.head_size)
+    )
+    assert got.dtype == torch.float32 and got.shape == (p.layout.num_kv_heads, p.n)
+    torch.testing.assert_close(ref, dense, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-4)
+    # each query row's probabilities sum to 1: total mass = rows per KV head
+    torch.testing.assert_close(got.sum(1), torch.full((p.layout.num_kv_heads,), float(rows)))
+    return got
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_size", [64, 80, 128])
+def test_window_scores_dtype_head_size(paged, dtype, head_size):
+    p = paged(kind="nhd", dtype=dtype, head_size=head_size, num_kv_heads=2, n=77)
+    _run(p, group=4, rows=8, dtype=dtype)
+
+
+@pytest.mark.parametrize(
+    "kind,group,block_size,n,rows,window",
+    [
+        ("nhd", 1, 16, 200, 32, True),  # two key splits in the interpreter
+        ("vec", 7, 16, 45, 12, False),  # sampled (non-contiguous) query rows
+        ("hnd", 4, 128, 130, 16, True),
+        ("vec", 1, 128, 20, 20, True),  # n < default window: the whole prompt is the window
+        ("nhd", 7, 128, 5, 5, True),
+    ],
+)
+def test_window_scores_layouts_gqa_ragged(paged, kind, group, block_size, n, rows, window):
+    p = paged(
+        kind=kind,
+        dtype=torch.bfloat16,
+        head_size=80,
+        block_size=block_size,
+        n=n,
+        num_kv_heads=2 if group < 7 else 1,
+    )
+    _run(p, group=group, rows=rows, dtype=torch.bfloat16, window=window)
+
+
+def test_window_scores_many_rows_and_scale(paged):
+    # more rows than one row block (H2O-style long window), explicit scale, fp32
+    p = paged(kind="vec", dtype=torch.float32, head_size=64, num_kv_heads=1, n=300)
+    _run(p, group=1, rows=300, dtype=torch.float32, scale=0.05)
+
+
+def test_window_scores_needle_wins(paged):
+    # a key aligned with every window query gets the top score (planted needle)
+    p = paged(kind="nhd", dtype=torch.float16, head_size=64, num_kv_heads=2, n=90)
+    q, q_pos = make_queries(4, 8, 64, torch.float16, p.n)
+    needle = 17
+    b, t = int(p.row[needle // 16]), needle % 16
+    p.cache[b, :, t, :64] = q.float().mean(dim=(1,)).view(2, 2, 64).mean(1).to(torch.float16) * 3
+    scores = paged_window_scores(q, q_pos, p.cache, p.layout, p.row, p.n, backend="triton")
+    assert bool((scores.argmax(1) == needle).all())
+
+
+def test_window_scores_validation(paged):
+    p = paged(n=30, num_kv_heads=2, head_size=64)
+    q = torch.randn(4, 3, 64)
+    pos = torch.tensor([27, 28, 29])
+    with pytest.raises(ValueError, match="multiple"):
+        paged_window_scores(torch.randn(3, 3, 64), pos, p.cache, p.layout, p.row, p.n)
+    with pytest.raises(ValueError, match="head size"):
+        paged_window_scores(torch.randn(4, 3, 32), pos, p.cache, p.layout, p.row, p.n)
+    with pytest.raises(ValueError, match="outside"):
+        paged_window_scores(q, torch.tensor([28, 29, 30]), p.cache, p.layout, p.row, p.n)
+    with pytest.raises(ValueError, match="entries"):
+        paged_window_scores(q, pos[:2], p.cache, p.layout, p.row, p.n)
+    empty = paged_window_scores(q[:, :0], pos[:0], p.cache, p.layout, p.row, p.n, backend="triton")
+    assert torch.equal(empty, torch.zeros(2, 30))
+
+
+# ---------------------------------------------------------------------- pooling
+def brute_pool(x, kernel, mode):
+    n = x.shape[1]
+    out = torch.empty_like(x)
+    for i in range(n):
+        win = x[:, max(0, i - kernel // 2) : min(n, i + kernel // 2 + 1)]
+        out[:, i] = win.amax(1) if mode == "max" else win.mean(1)
+    return out
+
+
+@pytest.mark.parametrize("mode", ["max", "avg"])
+@pytest.mark.parametrize("kernel,n", [(7, 100), (3, 1500), (7, 3), (1, 10)])
+def test_pool_scores(mode, kernel, n):
+    x = torch.rand(3, n)
+    got = pool_scores(x, kernel, mode, backend="triton")
+    ref = pool_scores(x, kernel, mode, backend="torch")
+    torch.testing.assert_close(ref, brute_pool(x, kernel, mode))
+    torch.testing.assert_close(got, ref)
+
+
+def test_pool_scores_matches_torch_semantics():
+    x = torch.rand(2, 50)
+    ref = F.avg_pool1d(x[:, None], 5, 1, 2, count_include_pad=False)[:, 0]
+    torch.testing.assert_close(pool_scores(x, 5, "avg", backend="triton"), ref)
+    with pytest.raises(ValueError, match="odd"):
+        pool_scores(x, 4)
+    with pytest.raises(ValueError, match="mode"):
+        pool_scores(x, 3, "sum")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("h_kv,group", [(32, 1), (4, 7)])
+def test_window_scores_gpu_real_size(paged, h_kv, group):
+    p = paged(
+        kind="nhd", dtype=torch.bfloat16, head_size=128, num_kv_heads=h_kv, n=8192, device="cuda"
+    )
+    q, q_pos = make_queries(h_kv * group, 32, 128, torch.bfloat16, p.n)
+    q, q_pos = q.cuda(), q_pos.cuda()
+    got = paged_window_scores(q, q_pos, p.cache, p.layout, p.row, p.n)
+    ref = paged_window_scores_reference(q, q_pos, p.cache, p.layout, p.row, p.n)
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-3)
