@@ -75,6 +75,7 @@ PATCHES = (
     ("vllm.sampling_params", "cli:patch_request_validation"),
     ("vllm.v1.core.sched.scheduler", "scheduler:patch_scheduler"),
     ("vllm.v1.worker.gpu_model_runner", "worker:patch_v1_runner"),
+    ("vllm.v1.worker.gpu.model_runner", "worker:patch_v2_runner"),
 )
 
 

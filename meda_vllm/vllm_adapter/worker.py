@@ -14,17 +14,25 @@ V1 model runner (the CPU runner and GPU V1 subclass it). Per compressed request:
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from meda_vllm.compress import compress, required_query_positions
+from meda_vllm.compress import compress, required_query_positions, score_rows
 from meda_vllm.config import KVPolicyConfig
-from meda_vllm.kernels import compact_, gather_kv
+from meda_vllm.kernels import (
+    compact_,
+    gather_kv,
+    paged_cross_modal_entropy,
+    paged_window_scores,
+    resolve_backend,
+)
 from meda_vllm.kernels.layout import PagedKVLayout
-from meda_vllm.modality import modality_mask
+from meda_vllm.modality import entropy_query_positions, modality_mask
+from meda_vllm.selection import rows_for_positions
 from meda_vllm.types import LayerView
 from meda_vllm.vllm_adapter import capture, settings
 from meda_vllm.vllm_adapter.log import logger
@@ -98,35 +106,38 @@ class WorkerCompression:
         return ctx[self.layer_names[layer]].kv_cache
 
     # ---- request bookkeeping -------------------------------------------------------------
-    def info(self, rid: str) -> RequestInfo | None:
-        info = self.infos.get(rid)
-        if info is not None:
-            return info
-        req = self.runner.requests.get(rid)
-        if req is None:
-            return None
-        sp = req.sampling_params
-        try:
-            cfg = settings.request_config(self.server, sp.extra_args if sp is not None else None)
-        except ValueError:
-            cfg = self.server  # validated in the API server; never crash the engine here
-        n = req.num_prompt_tokens
-        ranges = [
-            (f.mm_position.offset, f.mm_position.length, f.mm_position.is_embed)
-            for f in (req.mm_features or [])
-            if f.mm_position is not None
-        ]
-        vis = None
-        if ranges:
-            vis = modality_mask(
-                n, [(o, ln) for o, ln, _ in ranges], is_embed=[e for _, _, e in ranges]
-            )
-        info = RequestInfo(cfg=cfg, n_prompt=n, vis=vis)
-        self.infos[rid] = info
-        if cfg.kv_policy != "none" and cfg.budget_tokens(n) < n:
-            positions = required_query_positions(cfg, n, vis)
-            self.captures[rid] = capture.RequestCapture(positions=positions.cpu())
-        return info
+    def register(self, new_reqs: list[Any]) -> None:
+        """Note the prompt, modality mask and settings of requests new to this worker."""
+        for data in new_reqs:
+            rid = data.req_id
+            self.forget(rid)
+            if data.prompt_token_ids is not None:
+                n = len(data.prompt_token_ids)
+            elif data.prompt_embeds is not None:
+                n = int(data.prompt_embeds.shape[0])
+            else:
+                continue
+            sp = data.sampling_params
+            try:
+                cfg = settings.request_config(
+                    self.server, sp.extra_args if sp is not None else None
+                )
+            except ValueError:
+                cfg = self.server  # validated in the API server; never crash the engine here
+            ranges = [
+                (f.mm_position.offset, f.mm_position.length, f.mm_position.is_embed)
+                for f in (data.mm_features or [])
+                if f.mm_position is not None
+            ]
+            vis = None
+            if ranges:
+                vis = modality_mask(
+                    n, [(o, ln) for o, ln, _ in ranges], is_embed=[e for _, _, e in ranges]
+                )
+            self.infos[rid] = RequestInfo(cfg=cfg, n_prompt=n, vis=vis)
+            if cfg.kv_policy != "none" and cfg.budget_tokens(n) < n:
+                positions = required_query_positions(cfg, n, vis)
+                self.captures[rid] = capture.RequestCapture(positions=positions.cpu())
 
     def forget(self, rid: str) -> None:
         self.infos.pop(rid, None)
@@ -139,7 +150,7 @@ class WorkerCompression:
     ) -> capture.CaptureStep | None:
         targets = []
         for i, rid in enumerate(req_ids):
-            info = self.info(rid)
+            info = self.infos.get(rid)
             cap = self.captures.get(rid)
             if info is None or cap is None or computed[i] >= info.n_prompt:
                 continue
@@ -154,11 +165,20 @@ class WorkerCompression:
             return None
         return capture.CaptureStep(targets, self.captures)
 
-    def compress_request(self, rid: str, cfg_dict: dict[str, Any]) -> None:
-        req = self.runner.requests.get(rid)
-        info = self.info(rid)
-        cap = self.captures.get(rid)
-        if req is None or info is None or cap is None:
+    def compress_request(
+        self,
+        rid: str,
+        cfg_dict: dict[str, Any],
+        row_ids: list[int],
+        truncate: Callable[[int], None],
+    ) -> None:
+        """Compress one request whose prompt KV is complete in the pages ``row_ids``.
+
+        ``truncate(keep_blocks)`` shortens the request's block-table row (runner-specific).
+        """
+        info = self.infos.get(rid)
+        cap = self.captures.pop(rid, None)
+        if info is None or cap is None:
             return
         cfg = KVPolicyConfig.model_validate(cfg_dict)
         n = info.n_prompt
@@ -166,32 +186,51 @@ class WorkerCompression:
             logger.warning("meda-vllm: %s: query rows missing, not compressed", rid)
             return
         t0 = time.perf_counter()
-        row_ids = req.block_ids[0]
         device = self.cache(0).device
         row = torch.tensor(row_ids[: cdiv(n, self.block_size)], dtype=torch.int32, device=device)
         query_pos = cap.positions.to(device)
         vis = info.vis.to(device) if info.vis is not None else None
+        fast = self.use_paged_kernels(device)
+        score_pos = n - score_rows(cfg, n)
+        score_sel = torch.nonzero(query_pos >= score_pos).squeeze(1)
+        entropy_sel = None
+        if fast and cfg.kv_policy == "meda" and vis is not None:
+            wanted = entropy_query_positions(n, vis, cfg.kv_window, cfg.kv_meda_visual_stride)
+            entropy_sel = rows_for_positions(query_pos, wanted.to(device))
 
         def get_view(layer: int) -> LayerView:
-            keys, values = gather_kv(self.cache(layer), self.layouts[layer], row, n)
+            cache, layout = self.cache(layer), self.layouts[layer]
+            keys, values = gather_kv(cache, layout, row, n)
             queries = cap.rows[layer].to(device).transpose(0, 1)  # [H, R, D]
+            overrides: dict[str, Any] = {}
+            if fast:
+                q = queries[:, score_sel]
+                overrides["window_scores"] = paged_window_scores(
+                    q, query_pos[score_sel], cache, layout, row, n
+                )
+                if entropy_sel is not None:
+                    e = paged_cross_modal_entropy(
+                        queries[:, entropy_sel],
+                        query_pos[entropy_sel],
+                        cache,
+                        layout,
+                        row,
+                        n,
+                        vis,
+                        causal=cfg.kv_meda_entropy_causal,
+                    )
+                    overrides["entropy"] = float(e.sum())
             return LayerView(
-                keys=keys, values=values, queries=queries, query_pos=query_pos, vis=vis
+                keys=keys, values=values, queries=queries, query_pos=query_pos, vis=vis, **overrides
             )
 
         plan = compress(get_view, len(self.layer_names), cfg, n, pad_to="max")
-        self.captures.pop(rid, None)
         if plan is None:
             return
         kept = plan.kept_tokens
         for layer, lp in enumerate(plan.layers):
             compact_(self.cache(layer), self.layouts[layer], row, lp.kept, lp.keys, lp.values)
-        keep_blocks = cdiv(kept, self.block_size)
-        del row_ids[keep_blocks:]
-        batch = self.runner.input_batch
-        index = batch.req_id_to_index.get(rid)
-        if index is not None:
-            batch.block_table.add_row(req.block_ids, index)
+        truncate(cdiv(kept, self.block_size))
         self.removed[rid] = n - kept
         self.results[rid] = (n, kept)
         seconds = time.perf_counter() - t0
@@ -201,8 +240,13 @@ class WorkerCompression:
         del self.history[:-1024]
         logger.debug("meda-vllm: %s: %d -> %d tokens in %.1f ms", rid, n, kept, seconds * 1e3)
 
+    @staticmethod
+    def use_paged_kernels(device: torch.device) -> bool:
+        """Score/entropy straight from the pages with Triton (GPU, or forced for tests)."""
+        return resolve_backend(None, device) == "triton"
 
-# ---- V1 runner hooks -------------------------------------------------------------------------
+
+# ---- shared by both runners ----------------------------------------------------------------
 
 
 def _state(runner: Any) -> WorkerCompression | None:
@@ -214,7 +258,46 @@ def _state(runner: Any) -> WorkerCompression | None:
     return state
 
 
-def _apply_physical(runner: Any, state: WorkerCompression, num_reqs: int, total: int) -> None:
+def _forget_gone(state: WorkerCompression, scheduler_output: Any) -> None:
+    gone = set(scheduler_output.finished_req_ids)
+    gone |= set(getattr(scheduler_output, "preempted_req_ids", None) or ())
+    cached = scheduler_output.scheduled_cached_reqs
+    gone |= set(getattr(cached, "resumed_req_ids", None) or ())
+    for rid in gone:
+        state.forget(rid)
+
+
+def _attach_results(state: WorkerCompression, out: Any) -> Any:
+    import copy
+
+    from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT
+
+    if out is EMPTY_MODEL_RUNNER_OUTPUT:
+        out = copy.copy(out)
+    if not hasattr(out, "req_ids"):  # async output wrappers: async scheduling is off
+        return out
+    setattr(out, RESULT_ATTR, dict(state.results))
+    state.results.clear()
+    return out
+
+
+def _wrap_sample_tokens(cls: type) -> None:
+    orig_sample = cls.sample_tokens
+
+    def sample_tokens(self, *args, **kwargs):
+        out = orig_sample(self, *args, **kwargs)
+        state = _state(self)
+        if state is not None and state.results and out is not None:
+            out = _attach_results(state, out)
+        return out
+
+    cls.sample_tokens = sample_tokens
+
+
+# ---- V1 runner (CPU runner, GPU V1) -----------------------------------------------------------
+
+
+def _v1_apply_physical(runner: Any, state: WorkerCompression, num_reqs: int, total: int) -> None:
     """Slot mapping and seq_lens of compressed requests in physical terms."""
     req_ids = runner.input_batch.req_ids[:num_reqs]
     off = [state.removed.get(rid, 0) for rid in req_ids]
@@ -231,6 +314,21 @@ def _apply_physical(runner: Any, state: WorkerCompression, num_reqs: int, total:
     runner.optimistic_seq_lens_cpu[:num_reqs] -= off_cpu.to(runner.optimistic_seq_lens_cpu.dtype)
 
 
+def _v1_compress(runner: Any, state: WorkerCompression, rid: str, cfg: dict[str, Any]) -> None:
+    req = runner.requests.get(rid)
+    if req is None:
+        return
+    row_ids = req.block_ids[0]
+
+    def truncate(keep_blocks: int) -> None:
+        del row_ids[keep_blocks:]  # in place: later appends extend this list
+        index = runner.input_batch.req_id_to_index.get(rid)
+        if index is not None:
+            runner.input_batch.block_table.add_row(req.block_ids, index)
+
+    state.compress_request(rid, cfg, list(row_ids), truncate)
+
+
 def patch_v1_runner() -> None:
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
@@ -239,17 +337,12 @@ def patch_v1_runner() -> None:
     orig_update = GPUModelRunner._update_states
     orig_prepare = GPUModelRunner._prepare_inputs
     orig_execute = GPUModelRunner.execute_model
-    orig_sample = GPUModelRunner.sample_tokens
 
     def _update_states(self, scheduler_output):
         state = _state(self)
         if state is not None:
-            gone = set(scheduler_output.finished_req_ids)
-            gone |= set(getattr(scheduler_output, "preempted_req_ids", None) or ())
-            cached = scheduler_output.scheduled_cached_reqs
-            gone |= set(getattr(cached, "resumed_req_ids", None) or ())
-            for rid in gone:
-                state.forget(rid)
+            _forget_gone(state, scheduler_output)
+            state.register(scheduler_output.scheduled_new_reqs)
         return orig_update(self, scheduler_output)
 
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
@@ -260,8 +353,7 @@ def patch_v1_runner() -> None:
         if not state.ready:
             state.setup()
         num_reqs = self.input_batch.num_reqs
-        total = scheduler_output.total_num_scheduled_tokens
-        _apply_physical(self, state, num_reqs, total)
+        _v1_apply_physical(self, state, num_reqs, scheduler_output.total_num_scheduled_tokens)
         step = state.plan_capture(
             list(self.input_batch.req_ids[:num_reqs]),
             self.query_start_loc.np[: num_reqs + 1],
@@ -280,34 +372,147 @@ def patch_v1_runner() -> None:
         armed = getattr(scheduler_output, ARM_ATTR, None)
         if state is not None and armed:
             for rid, cfg in armed.items():
-                state.compress_request(rid, cfg)
+                _v1_compress(self, state, rid, cfg)
         if out is not None and state is not None and state.results:
-            out = _attach_results(state, out)
-        return out
-
-    def sample_tokens(self, *args, **kwargs):
-        out = orig_sample(self, *args, **kwargs)
-        state = _state(self)
-        if state is not None and state.results and out is not None:
             out = _attach_results(state, out)
         return out
 
     GPUModelRunner._update_states = _update_states
     GPUModelRunner._prepare_inputs = _prepare_inputs
     GPUModelRunner.execute_model = execute_model
-    GPUModelRunner.sample_tokens = sample_tokens
+    _wrap_sample_tokens(GPUModelRunner)
     GPUModelRunner._meda_patched = True
 
 
-def _attach_results(state: WorkerCompression, out: Any) -> Any:
-    import copy
+# ---- V2 runner (GPU default; also the CPU V2 runner) ------------------------------------------
 
-    from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT
 
-    if out is EMPTY_MODEL_RUNNER_OUTPUT:
-        out = copy.copy(out)
-    if not hasattr(out, "req_ids"):  # async output wrapper: not supported in phase 1
+def _v2_offsets(runner: Any, state: WorkerCompression, input_batch: Any) -> torch.Tensor | None:
+    """Removed tokens per batch row (device tensor), or None when no row is compressed."""
+    if not state.removed:
+        return None
+    off = [state.removed.get(rid, 0) for rid in input_batch.req_ids[: input_batch.num_reqs]]
+    if not any(off):
+        return None
+    return torch.tensor(off, dtype=torch.int64)
+
+
+def _v2_compress(runner: Any, state: WorkerCompression, rid: str, cfg: dict[str, Any]) -> None:
+    idx = runner.req_states.req_id_to_index.get(rid)
+    if idx is None:
+        return
+    tables = runner.block_tables
+    num_blocks = int(tables.num_blocks.np[0, idx])
+    row_ids = tables.block_tables[0].gpu[idx, :num_blocks].tolist()
+
+    def truncate(keep_blocks: int) -> None:
+        # Staged; applied by the next step's apply_staged_writes(), before any read.
+        tables.append_block_ids(idx, (row_ids[:keep_blocks],), overwrite=True)
+
+    state.compress_request(rid, cfg, row_ids, truncate)
+
+
+def patch_v2_runner() -> None:
+    from vllm.v1.worker.gpu.model_runner import GPUModelRunner
+
+    if getattr(GPUModelRunner, "_meda_patched", False):
+        return
+    orig_add = GPUModelRunner.add_requests
+    orig_finish = GPUModelRunner.finish_requests
+    orig_prepare_attn = GPUModelRunner.prepare_attn
+    orig_execute = GPUModelRunner.execute_model
+
+    def finish_requests(self, scheduler_output):
+        state = _state(self)
+        if state is not None:
+            _forget_gone(state, scheduler_output)
+        return orig_finish(self, scheduler_output)
+
+    def add_requests(self, scheduler_output):
+        state = _state(self)
+        if state is not None:
+            state.register(scheduler_output.scheduled_new_reqs)
+        return orig_add(self, scheduler_output)
+
+    def prepare_attn(self, input_batch):
+        state = _state(self)
+        if state is None or not getattr(self, "_meda_real_step", False):
+            return orig_prepare_attn(self, input_batch)
+        if not state.ready:
+            state.setup()
+            _wrap_model_state(self, state)
+        off = _v2_offsets(self, state, input_batch)
+        n = input_batch.num_reqs
+        step = state.plan_capture(
+            list(input_batch.req_ids[:n]),
+            input_batch.query_start_loc_np[: n + 1],
+            self.req_states.num_computed_tokens_np[input_batch.idx_mapping_np[:n]],
+            np.diff(input_batch.query_start_loc_np[: n + 1]),
+        )
+        capture.set_step(step)
+        self._meda_offsets = off
+        if off is None:
+            return orig_prepare_attn(self, input_batch)
+        block_tables = self.block_tables.gather_block_tables(
+            input_batch.idx_mapping, num_reqs_padded=input_batch.num_reqs_after_padding
+        )
+        qsl = input_batch.query_start_loc_np[: n + 1]
+        per_token = torch.repeat_interleave(off, torch.from_numpy(np.diff(qsl)).long())
+        positions = input_batch.positions.clone()
+        positions[: per_token.numel()] -= per_token.to(positions.device, positions.dtype)
+        slot_mappings = self.block_tables.compute_slot_mappings(
+            input_batch.idx_mapping,
+            input_batch.query_start_loc,
+            positions,
+            num_tokens_padded=input_batch.num_tokens_after_padding,
+        )
+        return block_tables, slot_mappings
+
+    def execute_model(self, scheduler_output, *args, **kwargs):
+        dummy = kwargs.get("dummy_run", False) or (len(args) > 1 and args[1])
+        self._meda_real_step = not dummy
+        try:
+            out = orig_execute(self, scheduler_output, *args, **kwargs)
+        finally:
+            self._meda_real_step = False
+            self._meda_offsets = None
+            capture.set_step(None)
+        state = _state(self)
+        armed = getattr(scheduler_output, ARM_ATTR, None)
+        if state is not None and armed and not dummy:
+            for rid, cfg in armed.items():
+                _v2_compress(self, state, rid, cfg)
+        if out is not None and state is not None and state.results and hasattr(out, "req_ids"):
+            out = _attach_results(state, out)
         return out
-    setattr(out, RESULT_ATTR, dict(state.results))
-    state.results.clear()
-    return out
+
+    GPUModelRunner.finish_requests = finish_requests
+    GPUModelRunner.add_requests = add_requests
+    GPUModelRunner.prepare_attn = prepare_attn
+    GPUModelRunner.execute_model = execute_model
+    _wrap_sample_tokens(GPUModelRunner)
+    GPUModelRunner._meda_patched = True
+
+
+def _wrap_model_state(runner: Any, state: WorkerCompression) -> None:
+    """Physical seq_lens for the attention metadata (V2): the runner's own InputBatch keeps
+    logical lengths, which the sampler and the draft logic read after the forward."""
+    import dataclasses
+
+    model_state = runner.model_state
+    orig = model_state.prepare_attn
+
+    def prepare_attn(input_batch, *args, **kwargs):
+        off = getattr(runner, "_meda_offsets", None)
+        if off is not None:
+            n = off.numel()
+            seq_lens = input_batch.seq_lens.clone()
+            seq_lens[:n] -= off.to(seq_lens.device, seq_lens.dtype)
+            upper = input_batch.seq_lens_cpu_upper_bound.clone()
+            upper[:n] -= off.to(upper.dtype)
+            input_batch = dataclasses.replace(
+                input_batch, seq_lens=seq_lens, seq_lens_cpu_upper_bound=upper
+            )
+        return orig(input_batch, *args, **kwargs)
+
+    model_state.prepare_attn = prepare_attn

@@ -1,0 +1,80 @@
+"""The serving engine's fast path feeds the core precomputed window scores and entropies
+from the paged kernels (``LayerView.window_scores`` / ``.entropy``), the way
+``meda_vllm.vllm_adapter.worker`` does on GPU. The plans must be the same as when the core
+computes everything from dense K/V itself."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from meda_vllm.compress import compress, required_query_positions, score_rows
+from meda_vllm.config import KVPolicyConfig
+from meda_vllm.kernels import (
+    PagedKVLayout,
+    gather_kv,
+    paged_cross_modal_entropy_reference,
+    paged_window_scores_reference,
+)
+from meda_vllm.modality import entropy_query_positions
+from meda_vllm.selection import rows_for_positions
+from meda_vllm.types import LayerView
+
+
+def _paged_request(n: int, layers: int, h: int, h_kv: int, d: int, bs: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    layout = PagedKVLayout.cpu_vec(h_kv, bs, d)
+    nb = -(-n // bs) + 3
+    row = torch.randperm(nb, generator=g)[: -(-n // bs)].to(torch.int32)
+    caches, queries = [], []
+    for _ in range(layers):
+        cache = torch.zeros(nb, h_kv, bs, 2 * d)
+        k, v = layout.k_view(cache), layout.v_view(cache)
+        keys = torch.randn(h_kv, n, d, generator=g) * 2
+        vals = torch.randn(h_kv, n, d, generator=g)
+        for i in range(n):
+            k[row[i // bs], :, i % bs] = keys[:, i]
+            v[row[i // bs], :, i % bs] = vals[:, i]
+        caches.append(cache)
+        queries.append(torch.randn(h, n, d, generator=g) * 2)
+    vis = torch.zeros(n, dtype=torch.bool)
+    vis[n // 8 : n // 8 + n // 2] = True
+    return layout, row, caches, queries, vis
+
+
+@pytest.mark.parametrize("policy", ["snapkv", "pyramidkv", "meda", "madakv", "h2o", "lookm"])
+def test_paged_overrides_give_the_core_plan(policy):
+    n, layers, h, h_kv, d, bs = 300, 3, 4, 2, 16, 32
+    layout, row, caches, queries, vis = _paged_request(n, layers, h, h_kv, d, bs, seed=7)
+    cfg = KVPolicyConfig.from_mapping({"kv_policy": policy, "kv_budget": 0.25, "kv_window": 16})
+    pos = required_query_positions(cfg, n, vis)
+    score_sel = torch.nonzero(pos >= n - score_rows(cfg, n)).squeeze(1)
+    if policy == "meda":
+        ent_pos = entropy_query_positions(n, vis, cfg.kv_window, cfg.kv_meda_visual_stride)
+        ent_sel = rows_for_positions(pos, ent_pos)
+
+    def view(layer: int, fast: bool) -> LayerView:
+        keys, values = gather_kv(caches[layer], layout, row, n)
+        q = queries[layer][:, pos]
+        extra = {}
+        if fast:
+            extra["window_scores"] = paged_window_scores_reference(
+                q[:, score_sel], pos[score_sel], caches[layer], layout, row, n
+            )
+            if policy == "meda":
+                e = paged_cross_modal_entropy_reference(
+                    q[:, ent_sel], pos[ent_sel], caches[layer], layout, row, n, vis
+                )
+                extra["entropy"] = float(e.sum())
+        return LayerView(keys=keys, values=values, queries=q, query_pos=pos, vis=vis, **extra)
+
+    slow = compress(lambda l: view(l, False), layers, cfg, n, pad_to="max")
+    fast = compress(lambda l: view(l, True), layers, cfg, n, pad_to="max")
+    assert slow is not None and fast is not None
+    assert slow.layer_budgets == fast.layer_budgets
+    if policy == "meda":
+        assert fast.entropy == pytest.approx(slow.entropy, rel=1e-4)
+    for a, b in zip(slow.layers, fast.layers, strict=True):
+        assert torch.equal(a.kept, b.kept)
+        if a.keys is not None:
+            torch.testing.assert_close(a.keys, b.keys, rtol=1e-5, atol=1e-5)
