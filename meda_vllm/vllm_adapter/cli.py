@@ -143,6 +143,7 @@ def resolve_engine_settings(engine_args: Any) -> KVPolicyConfig:
             "block table between steps (synchronous scheduling is used)"
         )
         engine_args.async_scheduling = False
+    _limit_cuda_graphs(engine_args)
     additional.update(cfg.model_dump())
     engine_args.additional_config = additional
     logger.info(
@@ -150,6 +151,29 @@ def resolve_engine_settings(engine_args: Any) -> KVPolicyConfig:
         ", ".join(f"{k}={v}" for k, v in cfg.model_dump().items() if v is not None),
     )
     return cfg
+
+
+def _limit_cuda_graphs(engine_args: Any) -> None:
+    """FULL CUDA graphs replay captured attention metadata; compressed requests need
+    per-step physical slot mappings and seq_lens, so keep graphs PIECEWISE (attention runs
+    outside the graphs). Untested on a GPU so far, hence explicit."""
+    if engine_args.enforce_eager:
+        return
+    from vllm.config.compilation import CompilationConfig, CUDAGraphMode
+
+    cc = engine_args.compilation_config
+    if isinstance(cc, dict):
+        cc = CompilationConfig(**cc)
+    mode = cc.cudagraph_mode
+    if mode in (CUDAGraphMode.NONE, CUDAGraphMode.PIECEWISE):
+        return
+    logger.info(
+        "meda-vllm: CUDA graphs limited to PIECEWISE (was %s): compressed requests "
+        "need per-step physical slot mappings and sequence lengths",
+        "the default" if mode is None else mode.name,
+    )
+    cc.cudagraph_mode = CUDAGraphMode.PIECEWISE
+    engine_args.compilation_config = cc
 
 
 def startup_error(message: str) -> SystemExit:

@@ -64,16 +64,17 @@ def long_requests(
     return polled
 
 
-def usage_after_prefill(srv, seeds: list[int], max_decoded: int = 8) -> float:
+def usage_after_prefill(srv, seeds: list[int], max_decoded: int = 16) -> float:
     """Sum over long image requests, sent one at a time, of the KV usage the server reports
-    right after the request's prefill: the first /metrics sample where it runs with at most
-    ``max_decoded`` tokens generated (the scheduler's stats are taken after compression, and
-    usage and generated tokens are recorded together). Retried when the poller was late."""
+    right after the request's prefill: the first /metrics sample where it runs with 1 to
+    ``max_decoded`` tokens generated (so its last prefill chunk is done; the scheduler's stats
+    are taken after compression, and usage and generated tokens are recorded together).
+    Retried when the poller was late."""
     gen = "vllm:generation_tokens_total"
     names = ["vllm:kv_cache_usage_perc", "vllm:num_requests_running", gen]
     total = 0.0
     for seed in seeds:
-        for _attempt in range(5):
+        for _attempt in range(8):
             before = srv.metrics().get(gen, 0.0)
             with MetricPeaks(srv, names, period=0.002) as polled:
                 chat(srv, long_image_request(seed), max_tokens=512, ignore_eos=True)
@@ -81,13 +82,17 @@ def usage_after_prefill(srv, seeds: list[int], max_decoded: int = 8) -> float:
                 s
                 for s in polled.samples
                 if s.get("vllm:num_requests_running") == 1
-                and s.get(gen, 0.0) - before <= max_decoded
+                and 1 <= s.get(gen, 0.0) - before <= max_decoded
             ]
             if early:
                 total += early[0]["vllm:kv_cache_usage_perc"]
                 break
+            running = [s for s in polled.samples if s.get("vllm:num_requests_running") == 1]
         else:
-            pytest.fail("could not sample KV usage right after prefill in 5 attempts")
+            pytest.fail(
+                f"could not sample KV usage right after prefill in 8 attempts ({srv.url}, "
+                f"before={before}, first running samples: {running[:5]})"
+            )
     return total
 
 
@@ -187,3 +192,42 @@ def test_bad_flags_fail_at_startup_with_one_line(tiny_model_dir, flags, message)
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()[-1]
     assert message in last, proc.stderr[-2000:]
+
+
+def test_chunked_prefill_compresses_after_the_last_chunk(server_factory, none_server):
+    """Long prompts split into many prefill chunks: the same memory saving, and with
+    budget 1.0 the same tokens as stock vLLM."""
+    chunked = ["--max-num-batched-tokens", "256", "--enable-chunked-prefill"]
+    srv = server_factory("meda-chunked", [*MEDA, *chunked])
+    base = usage_after_prefill(none_server, [21, 22])
+    comp = usage_after_prefill(srv, [21, 22])
+    print(f"chunked prefill: usage after prefill none={base:.4f} meda={comp:.4f}")
+    assert comp / base <= 0.25
+    full = server_factory(
+        "meda-1.0-chunked", ["--kv-policy", "meda", "--kv-budget", "1.0", *chunked]
+    )
+    content = long_image_request(23)
+    assert _greedy_tokens(full, content) == _greedy_tokens(none_server, content)
+
+
+def test_preemption_recomputes_and_loses_no_request(server_factory):
+    """A pool too small for the decode growth of compressed requests: vLLM preempts, the
+    preempted requests are recomputed (uncompressed), all finish, nothing leaks."""
+    pool = ["--kv-cache-memory-bytes", str(48 * 32 * 1024), "--max-model-len", "1024"]
+    srv = server_factory("meda-tiny-pool", [*MEDA, *pool])
+    fns = [
+        (
+            lambda s=s: chat(
+                srv,
+                [image_part(s, 448), text_part("Describe.")],
+                max_tokens=400,
+                ignore_eos=True,
+            )
+        )
+        for s in range(6)
+    ]
+    results = run_concurrently(fns)
+    assert all(r.usage.completion_tokens == 400 for r in results)
+    m = wait_idle(srv)
+    assert m.get("vllm:num_preemptions_total", 0) > 0, "the test did not cause a preemption"
+    assert m["vllm:kv_cache_usage_perc"] == 0.0

@@ -68,8 +68,8 @@ def test_paged_overrides_give_the_core_plan(policy):
                 extra["entropy"] = float(e.sum())
         return LayerView(keys=keys, values=values, queries=q, query_pos=pos, vis=vis, **extra)
 
-    slow = compress(lambda l: view(l, False), layers, cfg, n, pad_to="max")
-    fast = compress(lambda l: view(l, True), layers, cfg, n, pad_to="max")
+    slow = compress(lambda i: view(i, False), layers, cfg, n, pad_to="max")
+    fast = compress(lambda i: view(i, True), layers, cfg, n, pad_to="max")
     assert slow is not None and fast is not None
     assert slow.layer_budgets == fast.layer_budgets
     if policy == "meda":
