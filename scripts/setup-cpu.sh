@@ -89,6 +89,28 @@ fi
 say "installing meda-vllm (editable) + dev tools"
 "${PIP[@]}" install -q --no-build-isolation -e "$ROOT[dev]"
 
-# 6. Check (not `pip check`: the metadata above is inconsistent by design).
+# 6. Prometheus (Debian package `prometheus`): tests/e2e/test_metrics_prometheus.py and
+#    benchmarks/dashboard_png.py run the real binary. Skipped when it is already on PATH
+#    or with MEDA_SETUP_PROMETHEUS=0 (Dockerfile.cpu: the compose stack has its own).
+#    On a systemd host the package also enables a system service on :9090; the tests
+#    start their own instance on a free port and do not use it.
+if [ "${MEDA_SETUP_PROMETHEUS:-1}" != "0" ] && ! command -v prometheus >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1; then
+    SUDO=""
+    if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+    # Fresh images have no package lists: `apt-get update` once, when apt cannot see it.
+    if ! apt-cache show prometheus >/dev/null 2>&1; then
+      say "apt-get update (package lists missing)"
+      $SUDO apt-get update -qq
+    fi
+    say "installing prometheus (apt-get)"
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends prometheus
+  else
+    say "WARNING: no apt-get; install Prometheus (https://prometheus.io/download/) and put"
+    say "         \`prometheus\` on PATH for the metrics end-to-end test"
+  fi
+fi
+
+# 7. Check (not `pip check`: the metadata above is inconsistent by design).
 "$PY" -c "import vllm, meda_vllm, meda_vllm.kernels; print('[setup-cpu] vllm', vllm.__version__, '| meda_vllm', meda_vllm.__version__)"
 say "done: $VENV"

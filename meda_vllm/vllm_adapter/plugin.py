@@ -65,6 +65,9 @@ def register() -> None:
     from meda_vllm.vllm_adapter.compat import check_vllm_version
 
     check_vllm_version()
+    from meda_vllm.vllm_adapter.metrics import init_process
+
+    init_process()
     for target, patch in PATCHES:
         on_import(target, _lazy(patch))
 
@@ -75,6 +78,7 @@ PATCHES = (
     ("vllm.sampling_params", "cli:patch_request_validation"),
     ("vllm.v1.core.sched.scheduler", "scheduler:patch_scheduler"),
     ("vllm.v1.worker.gpu_model_runner", "worker:patch_v1_runner"),
+    ("vllm.entrypoints.serve.instrumentator.metrics", "metrics:patch_metrics_route"),
     ("vllm.v1.worker.gpu.model_runner", "worker:patch_v2_runner"),
 )
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from meda_vllm.config import KVPolicyConfig
-from meda_vllm.vllm_adapter import settings
+from meda_vllm.vllm_adapter import metrics, settings
 from meda_vllm.vllm_adapter.log import logger
 
 ARM_ATTR = "meda_compress"
@@ -72,6 +72,7 @@ class SchedulerCompression:
 
     def note_skip(self, reason: str) -> None:
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
+        metrics.on_skip(reason)
 
 
 def _translating(method: Callable, state: SchedulerCompression, names: tuple[str, ...]):
@@ -143,6 +144,7 @@ def attach(scheduler: Any) -> SchedulerCompression | None:
         )
     state = SchedulerCompression(server=server, manager=mgr, block_size=mgr.block_size)
     _install_manager_overrides(state)
+    metrics.on_scheduler_attached(scheduler, state)
     return state
 
 
@@ -197,6 +199,7 @@ def commit(scheduler: Any, state: SchedulerCompression, model_runner_output: Any
         state.records[rid] = CompressionRecord(n_prompt, kept, before, keep_blocks)
         state.blocks_freed_total += len(tail)
         state.requests_compressed += 1
+        metrics.on_blocks_freed(state, len(tail))
         logger.debug(
             "meda-vllm: %s compressed %d -> %d tokens, freed %d blocks",
             rid,
@@ -207,7 +210,8 @@ def commit(scheduler: Any, state: SchedulerCompression, model_runner_output: Any
 
 
 def forget(state: SchedulerCompression, rid: str) -> None:
-    state.records.pop(rid, None)
+    if state.records.pop(rid, None) is not None:
+        metrics.on_records_changed(state)
     state.pending.discard(rid)
 
 

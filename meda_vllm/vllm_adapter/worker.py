@@ -34,7 +34,7 @@ from meda_vllm.kernels.layout import PagedKVLayout
 from meda_vllm.modality import entropy_query_positions, modality_mask
 from meda_vllm.selection import rows_for_positions
 from meda_vllm.types import LayerView
-from meda_vllm.vllm_adapter import capture, settings
+from meda_vllm.vllm_adapter import capture, metrics, settings
 from meda_vllm.vllm_adapter.log import logger
 from meda_vllm.vllm_adapter.scheduler import ARM_ATTR, RESULT_ATTR, cdiv
 
@@ -184,6 +184,7 @@ class WorkerCompression:
         n = info.n_prompt
         if len(cap.rows) != len(self.layer_names):
             logger.warning("meda-vllm: %s: query rows missing, not compressed", rid)
+            metrics.on_skip("query_rows_missing", self.runner.vllm_config)
             return
         t0 = time.perf_counter()
         device = self.cache(0).device
@@ -226,6 +227,7 @@ class WorkerCompression:
 
         plan = compress(get_view, len(self.layer_names), cfg, n, pad_to="max")
         if plan is None:
+            metrics.on_skip("nothing_to_evict", self.runner.vllm_config)
             return
         kept = plan.kept_tokens
         for layer, lp in enumerate(plan.layers):
@@ -237,6 +239,7 @@ class WorkerCompression:
         self.history.append(
             CompressionStats(rid, n, kept, list(plan.layer_budgets), seconds, plan.fallback)
         )
+        metrics.on_compressed(self.runner.vllm_config, self.history[-1], cfg.kv_policy)
         del self.history[:-1024]
         logger.debug("meda-vllm: %s: %d -> %d tokens in %.1f ms", rid, n, kept, seconds * 1e3)
 
@@ -268,15 +271,25 @@ def _forget_gone(state: WorkerCompression, scheduler_output: Any) -> None:
 
 
 def _attach_results(state: WorkerCompression, out: Any) -> Any:
+    """Put ``{rid: (N, P)}`` on the ModelRunnerOutput the scheduler will receive."""
     import copy
 
     from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT
 
     if out is EMPTY_MODEL_RUNNER_OUTPUT:
         out = copy.copy(out)
-    if not hasattr(out, "req_ids"):  # async output wrappers: async scheduling is off
+    # V2 (and V1 async) runners return a wrapper whose get_output() hands the scheduler
+    # the ModelRunnerOutput it holds.
+    target = out
+    for name in ("model_runner_output", "_model_runner_output"):
+        inner = getattr(out, name, None)
+        if inner is not None and hasattr(inner, "req_ids"):
+            target = inner
+            break
+    if not hasattr(target, "req_ids"):
+        logger.warning("meda-vllm: cannot report kept lengths on %s", type(out).__name__)
         return out
-    setattr(out, RESULT_ATTR, dict(state.results))
+    setattr(target, RESULT_ATTR, dict(state.results))
     state.results.clear()
     return out
 
@@ -482,7 +495,7 @@ def patch_v2_runner() -> None:
         if state is not None and armed and not dummy:
             for rid, cfg in armed.items():
                 _v2_compress(self, state, rid, cfg)
-        if out is not None and state is not None and state.results and hasattr(out, "req_ids"):
+        if out is not None and state is not None and state.results:
             out = _attach_results(state, out)
         return out
 

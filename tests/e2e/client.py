@@ -94,3 +94,38 @@ def wait_idle(srv: VLLMServer, timeout: float = 60) -> dict[str, float]:
         if time.time() > deadline:
             return m
         time.sleep(0.2)
+
+
+def usage_after_prefill(
+    srv: VLLMServer,
+    send: Callable[[], object],
+    bound: str,
+    attempts: int = 8,
+) -> float:
+    """KV usage (fraction of the pool) held by one request right after its prefill, from
+    the server's own ``vllm:kv_cache_usage_perc``. ``send`` runs the request alone, with
+    a long enough decode that a /metrics poller sees it running.
+
+    The scheduler's stats are taken after compression, and usage and generated tokens are
+    recorded together, so the first sample with ``g >= 1`` generated tokens holds the
+    compressed prompt plus ``g`` decode tokens. ``bound="upper"`` returns that sample
+    (never less than the true value); ``bound="lower"`` subtracts the at most
+    ``ceil(g / block_size)`` blocks the decode can have added (never more than the true
+    value). A ratio upper/lower is therefore an upper bound on the true ratio."""
+    if bound not in ("upper", "lower"):
+        raise ValueError(bound)
+    gen = "vllm:generation_tokens_total"
+    names = ["vllm:kv_cache_usage_perc", "vllm:num_requests_running", gen]
+    block_size, num_blocks = srv.cache_geometry()
+    for _attempt in range(attempts):
+        before = srv.metrics().get(gen, 0.0)
+        with MetricPeaks(srv, names, period=0.002) as polled:
+            send()
+        for s in polled.samples:
+            decoded = s.get(gen, 0.0) - before
+            if s.get("vllm:num_requests_running") == 1 and decoded >= 1:
+                usage = s["vllm:kv_cache_usage_perc"]
+                if bound == "lower":
+                    usage -= -(-int(decoded) // block_size) / num_blocks
+                return usage
+    raise AssertionError(f"no /metrics sample of the running request in {attempts} attempts")

@@ -119,6 +119,19 @@ class VLLMServer:
             out[name] = out.get(name, 0.0) + v if name in out and _labels else v
         return out
 
+    def info_labels(self, name: str) -> dict[str, str]:
+        """Labels of an info metric, e.g. ``vllm:cache_config_info``."""
+        text = requests.get(self.url + "/metrics", timeout=10).text
+        for line in text.splitlines():
+            if line.startswith(name + "{"):
+                return dict(re.findall(r'(\w+)="([^"]*)"', line.split("}", 1)[0]))
+        raise KeyError(name)
+
+    def cache_geometry(self) -> tuple[int, int]:
+        """(block_size, num_blocks) of the KV pool."""
+        labels = self.info_labels("vllm:cache_config_info")
+        return int(labels["block_size"]), int(labels["num_gpu_blocks"])
+
     def __enter__(self) -> VLLMServer:
         return self.start()
 

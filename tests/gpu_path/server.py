@@ -19,21 +19,22 @@ from tests.e2e.server import VLLMServer
 SHIM = Path(__file__).resolve().parent / "shim"
 COUNTS_ENV = "MEDA_GPU_PATH_KERNEL_COUNTS"
 
-#: Appended after tests.e2e.server.BASE_ARGS (argparse: the last value wins).
-GPU_PATH_ARGS = [
-    "--attention-backend",
-    "TRITON_ATTN",
+#: Appended after tests.e2e.server.BASE_ARGS (argparse: the last value wins): a small
+#: pool, so one short request shows in ``vllm:kv_cache_usage_perc``. Block size stays 32
+#: (CPU_ATTN needs a multiple of 32).
+CPU_PATH_ARGS = [
     "--max-model-len",
     "1024",
     "--max-num-seqs",
     "2",
-    "--block-size",
-    "16",
     "--kv-cache-memory-bytes",
     str(8 * 1024 * 1024),
     "--limit-mm-per-prompt",
     '{"image": 1, "video": 0}',
 ]
+#: The GPU path: TRITON_ATTN asked for explicitly (the CPU platform otherwise picks
+#: CPU_ATTN) and 16-token blocks (finer KV accounting for short prompts).
+GPU_PATH_ARGS = [*CPU_PATH_ARGS, "--attention-backend", "TRITON_ATTN", "--block-size", "16"]
 
 
 def gpu_path_env(counts_dir: Path) -> dict[str, str]:
@@ -62,6 +63,8 @@ class GpuPathServer:
     ):
         self.counts_dir = Path(counts_dir)
         self.counts_dir.mkdir(parents=True, exist_ok=True)
+        for stale in self.counts_dir.glob("*.json"):
+            stale.unlink()
         self.env = gpu_path_env(self.counts_dir)
         self.server = VLLMServer(model, [*GPU_PATH_ARGS, *args], log_path, timeout=timeout)
         base_command = self.server.command

@@ -92,32 +92,43 @@ def _cpu_device_capability() -> None:
 
 
 class _Record:
+    """One process's evidence; a forked child starts its own (empty) record and file."""
+
     def __init__(self, path_template: str):
-        pid = os.getpid()
-        if "{pid}" in path_template:
-            self.path = path_template.replace("{pid}", str(pid))
-        else:
-            self.path = f"{path_template}.{pid}"
+        self.template = path_template
         self.lock = threading.Lock()
+        self.pid = -1
+        self._reset()
+
+    def _reset(self) -> None:
+        self.pid = os.getpid()
         self.kernels: Counter[str] = Counter()
-        self.facts: dict[str, Any] = {"pid": pid, "argv": sys.argv[:3]}
+        self.facts: dict[str, Any] = {"pid": self.pid, "argv": sys.argv[:3]}
 
     def launch(self, name: str) -> None:
         with self.lock:
+            if self.pid != os.getpid():
+                self._reset()
             self.kernels[name] += 1
             self._write()
 
     def note(self, **facts: Any) -> None:
         with self.lock:
+            if self.pid != os.getpid():
+                self._reset()
             self.facts.update(facts)
             self._write()
 
     def _write(self) -> None:
+        if "{pid}" in self.template:
+            path = self.template.replace("{pid}", str(self.pid))
+        else:
+            path = f"{self.template}.{self.pid}"
         data = {**self.facts, "kernels": dict(sorted(self.kernels.items()))}
-        tmp = f"{self.path}.tmp"
+        tmp = f"{path}.tmp"
         with open(tmp, "w") as f:
             json.dump(data, f, indent=1)
-        os.replace(tmp, self.path)
+        os.replace(tmp, path)
 
 
 def _install_counter() -> None:
