@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import openai
 import pytest
 
@@ -86,7 +88,11 @@ def held_after_prefill(srv, seeds: list[int], bound: str) -> float:
 @pytest.mark.parametrize("policy", ["snapkv", "meda"])
 def test_blocks_held_after_prefill_shrink_to_budget(server_factory, none_server, policy):
     """KV blocks held by long image requests after prefill, 0.2 budget vs no compression."""
-    srv = server_factory(f"{policy}-0.2", ["--kv-policy", policy, "--kv-budget", "0.2"])
+    if policy == "snapkv":  # the same settings through --additional-config
+        flags = ["--additional-config", json.dumps({"kv_policy": policy, "kv_budget": 0.2})]
+    else:
+        flags = ["--kv-policy", policy, "--kv-budget", "0.2"]
+    srv = server_factory(f"{policy}-0.2", flags)
     base = held_after_prefill(none_server, [1, 2, 3, 4], "lower")
     comp = held_after_prefill(srv, [1, 2, 3, 4], "upper")
     ratio = comp / base
@@ -218,3 +224,11 @@ def test_preemption_recomputes_and_loses_no_request(server_factory):
     m = wait_idle(srv)
     assert m.get("vllm:num_preemptions_total", 0) > 0, "the test did not cause a preemption"
     assert m["vllm:kv_cache_usage_perc"] == 0.0
+
+
+def test_policy_none_is_stock_vllm(none_server):
+    """--kv-policy none: no compression state, no meda: series, requests served."""
+    r = chat(none_server, [image_part(5), text_part("What is in this image?")])
+    assert r.usage.completion_tokens > 0
+    assert not [k for k in none_server.metrics() if k.startswith("meda:")]
+    assert "meda-vllm: KV compression on" not in none_server.tail(10_000)
