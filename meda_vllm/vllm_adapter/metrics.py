@@ -99,7 +99,7 @@ SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 
 #: Skip reasons. Scheduler: decided before the last prefill chunk runs; worker: after it.
 SCHEDULER_SKIP_REASONS = ("short_prompt", "disabled_by_request", "recompute_after_preemption")
-WORKER_SKIP_REASONS = ("nothing_to_evict", "query_rows_missing")
+WORKER_SKIP_REASONS = ("nothing_to_evict", "query_rows_missing", "error")
 #: Compressed, but with the policy's fallback budgets (MEDA: uniform; see policies/meda.py).
 FALLBACK_REASONS = ("text_only", "vision_only", "no_cross_modal_rows")
 

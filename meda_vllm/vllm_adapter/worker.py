@@ -225,7 +225,12 @@ class WorkerCompression:
                 keys=keys, values=values, queries=queries, query_pos=query_pos, vis=vis, **overrides
             )
 
-        plan = compress(get_view, len(self.layer_names), cfg, n, pad_to="max")
+        try:
+            plan = compress(get_view, len(self.layer_names), cfg, n, pad_to="max")
+        except Exception:  # noqa: BLE001 - planning only reads the cache: serve uncompressed
+            logger.exception("meda-vllm: %s: compression failed; serving it uncompressed", rid)
+            metrics.on_skip("error", self.runner.vllm_config)
+            return
         if plan is None:
             metrics.on_skip("nothing_to_evict", self.runner.vllm_config)
             return
