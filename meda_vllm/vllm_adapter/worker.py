@@ -299,6 +299,19 @@ def _attach_results(state: WorkerCompression, out: Any) -> Any:
     return out
 
 
+def _after_forward(runner: Any, scheduler_output: Any, out: Any, compress_one: Callable) -> Any:
+    """After a real forward: compress the requests armed for this step (their prompt KV
+    is now complete in the pages) and report kept lengths if the output is already here."""
+    state = _state(runner)
+    if state is None:
+        return out
+    for rid, cfg in (getattr(scheduler_output, ARM_ATTR, None) or {}).items():
+        compress_one(runner, state, rid, cfg)
+    if out is not None and state.results:
+        out = _attach_results(state, out)
+    return out
+
+
 def _wrap_sample_tokens(cls: type) -> None:
     orig_sample = cls.sample_tokens
 
@@ -386,14 +399,7 @@ def patch_v1_runner() -> None:
             out = orig_execute(self, scheduler_output, *args, **kwargs)
         finally:
             capture.set_step(None)
-        state = _state(self)
-        armed = getattr(scheduler_output, ARM_ATTR, None)
-        if state is not None and armed:
-            for rid, cfg in armed.items():
-                _v1_compress(self, state, rid, cfg)
-        if out is not None and state is not None and state.results:
-            out = _attach_results(state, out)
-        return out
+        return _after_forward(self, scheduler_output, out, _v1_compress)
 
     GPUModelRunner._update_states = _update_states
     GPUModelRunner._prepare_inputs = _prepare_inputs
@@ -495,14 +501,9 @@ def patch_v2_runner() -> None:
             self._meda_real_step = False
             self._meda_offsets = None
             capture.set_step(None)
-        state = _state(self)
-        armed = getattr(scheduler_output, ARM_ATTR, None)
-        if state is not None and armed and not dummy:
-            for rid, cfg in armed.items():
-                _v2_compress(self, state, rid, cfg)
-        if out is not None and state is not None and state.results:
-            out = _attach_results(state, out)
-        return out
+        if dummy:
+            return out
+        return _after_forward(self, scheduler_output, out, _v2_compress)
 
     GPUModelRunner.finish_requests = finish_requests
     GPUModelRunner.add_requests = add_requests
