@@ -1,11 +1,30 @@
-"""Shared fixtures: the tiny random Qwen2-VL checkpoint, built once per test session."""
+"""Shared fixtures: the tiny random Qwen2-VL checkpoint, built once per test session.
+
+Also: Triton picks interpreter or compiler for each ``@triton.jit`` function (its own
+``tl.*`` library included) when it is decorated, i.e. at import. Other test folders import
+vLLM, which imports Triton; so import Triton and our kernels here, first, with
+``TRITON_INTERPRET=1``, and restore the environment at once so it does not leak into the
+vLLM servers the end-to-end tests start (tests/kernels/conftest.py sets it again for its
+own tests only). ``MEDA_TEST_REAL_GPU=1`` compiles them for a real GPU instead.
+"""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-import pytest
+if not os.environ.get("MEDA_TEST_REAL_GPU"):
+    _previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import meda_vllm.kernels  # noqa: F401
+    finally:
+        if _previous is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = _previous
+
+import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")
