@@ -104,6 +104,20 @@ class PagedKVLayout:
         )
 
     # ------------------------------------------------------------------ helpers
+    def k_args(self) -> tuple[int, int, int, int, int]:
+        """The kernels' K addressing arguments, in their parameter order."""
+        return (
+            self.block_stride,
+            self.head_stride,
+            self.k_offset,
+            self.k_token_stride,
+            self.k_dim_stride,
+        )
+
+    def kv_args(self) -> tuple[int, ...]:
+        """The kernels' K and V addressing arguments, in their parameter order."""
+        return (*self.k_args(), self.v_offset, self.v_token_stride, self.v_dim_stride)
+
     def extent(self, num_blocks: int) -> int:
         """Number of elements (from the cache's first element) the layout may touch."""
         if num_blocks == 0:

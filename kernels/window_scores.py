@@ -238,13 +238,7 @@ def _launch(q, q_pos, cache, layout: PagedKVLayout, row, n: int, scale: float, g
         BLOCK_N=block_n,
         BLOCK_D=block_d,
     )
-    k_layout = (
-        layout.block_stride,
-        layout.head_stride,
-        layout.k_offset,
-        layout.k_token_stride,
-        layout.k_dim_stride,
-    )
+    k_layout = (*layout.k_args(),)
     warps = 4 if block_r * block_n <= 4096 else 8
     launchable(_row_stats_kernel, device)[(h_kv, splits)](
         q,
