@@ -146,6 +146,9 @@ def resolve_engine_settings(engine_args: Any) -> KVPolicyConfig:
     _limit_cuda_graphs(engine_args)
     additional.update(cfg.model_dump())
     engine_args.additional_config = additional
+    if getattr(engine_args, "_meda_announced", False):
+        return cfg
+    engine_args._meda_announced = True  # from_cli_args and create_engine_config both run this
     logger.info(
         "meda-vllm: KV compression on: %s",
         ", ".join(f"{k}={v}" for k, v in cfg.model_dump().items() if v is not None),
