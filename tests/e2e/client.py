@@ -101,6 +101,7 @@ def usage_after_prefill(
     send: Callable[[], object],
     bound: str,
     attempts: int = 8,
+    max_decoded: int = 16,
 ) -> float:
     """KV usage (fraction of the pool) held by one request right after its prefill, from
     the server's own ``vllm:kv_cache_usage_perc``. ``send`` runs the request alone, with
@@ -108,15 +109,17 @@ def usage_after_prefill(
 
     The scheduler's stats are taken after compression, and usage and generated tokens are
     recorded together, so the first sample with ``g >= 1`` generated tokens holds the
-    compressed prompt plus ``g`` decode tokens. ``bound="upper"`` returns that sample
-    (never less than the true value); ``bound="lower"`` subtracts the at most
-    ``ceil(g / block_size)`` blocks the decode can have added (never more than the true
-    value). A ratio upper/lower is therefore an upper bound on the true ratio."""
+    compressed prompt plus ``g`` decode tokens. The request is re-sent until a sample has
+    ``g <= max_decoded`` (else the sample with the fewest is used). ``bound="upper"``
+    returns that sample (never less than the true value); ``bound="lower"`` subtracts the
+    at most ``ceil(g / block_size)`` blocks the decode can have added (never more than the
+    true value). A ratio upper/lower is therefore an upper bound on the true ratio."""
     if bound not in ("upper", "lower"):
         raise ValueError(bound)
     gen = "vllm:generation_tokens_total"
     names = ["vllm:kv_cache_usage_perc", "vllm:num_requests_running", gen]
     block_size, num_blocks = srv.cache_geometry()
+    best: tuple[float, float] | None = None  # (decoded, usage)
     for _attempt in range(attempts):
         before = srv.metrics().get(gen, 0.0)
         with MetricPeaks(srv, names, period=0.002) as polled:
@@ -124,8 +127,14 @@ def usage_after_prefill(
         for s in polled.samples:
             decoded = s.get(gen, 0.0) - before
             if s.get("vllm:num_requests_running") == 1 and decoded >= 1:
-                usage = s["vllm:kv_cache_usage_perc"]
-                if bound == "lower":
-                    usage -= -(-int(decoded) // block_size) / num_blocks
-                return usage
-    raise AssertionError(f"no /metrics sample of the running request in {attempts} attempts")
+                if best is None or decoded < best[0]:
+                    best = (decoded, s["vllm:kv_cache_usage_perc"])
+                break
+        if best is not None and best[0] <= max_decoded:
+            break
+    if best is None:
+        raise AssertionError(f"no /metrics sample of the running request in {attempts} attempts")
+    decoded, usage = best
+    if bound == "lower":
+        usage -= -(-int(decoded) // block_size) / num_blocks
+    return usage
