@@ -11,7 +11,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from dataclasses import dataclass, field
 
 import torch
 import triton
@@ -31,6 +33,57 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
     return choice
 
 
+@dataclass
+class LaunchRecord:
+    """One kernel launch a launcher asked for while :func:`recording_launches` was active."""
+
+    kernel: object
+    grid: tuple
+    args: tuple
+    kwargs: dict
+
+
+@dataclass
+class _Recording:
+    num_sms: int
+    launches: list[LaunchRecord] = field(default_factory=list)
+
+
+_RECORDING: _Recording | None = None
+
+
+class _Recorder:
+    def __init__(self, kernel, recording: _Recording):
+        self.kernel, self.recording = kernel, recording
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.recording.launches.append(LaunchRecord(self.kernel, tuple(grid), args, kwargs))
+
+        return launch
+
+
+@contextlib.contextmanager
+def recording_launches(num_sms: int = 132):
+    """Record the launches the ops would make on a GPU with ``num_sms`` SMs, run nothing.
+
+    Inside the block the launchers take their GPU branch (tile sizes, split counts, tensor
+    core operand types) even for CPU tensors and every ``launchable(...)[grid](...)`` call
+    is appended to the yielded list instead of running. Outputs the kernels would write
+    stay as allocated, so a launcher that reads a kernel's output on the host sees
+    whatever ``torch.empty`` returned. Used by :mod:`.compile_check` to compile every
+    launch for a GPU target on a machine without one.
+    """
+    global _RECORDING
+    if _RECORDING is not None:
+        raise RuntimeError("recording_launches() does not nest")
+    _RECORDING = _Recording(num_sms)
+    try:
+        yield _RECORDING.launches
+    finally:
+        _RECORDING = None
+
+
 def launchable(kernel, device: torch.device):
     """The kernel object to launch for tensors on ``device``.
 
@@ -38,6 +91,8 @@ def launchable(kernel, device: torch.device):
     and cannot touch CPU tensors; nor can an interpreted kernel call ``tl.sum``/``tl.max``
     if triton itself was imported before the variable was set.
     """
+    if _RECORDING is not None:
+        return _Recorder(kernel, _RECORDING)
     if device.type == "cpu" and not interpreter_ready(kernel):
         raise RuntimeError(
             "backend='triton' on CPU tensors runs in Triton's interpreter: set "
@@ -60,10 +115,14 @@ def interpreter_ready(kernel=None) -> bool:
 
 def is_interpreted(device: torch.device) -> bool:
     """True when kernels for ``device`` run in the (slow) Triton interpreter."""
+    if _RECORDING is not None:
+        return False
     return device.type == "cpu" or os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def num_sms(device: torch.device) -> int:
+    if _RECORDING is not None:
+        return _RECORDING.num_sms
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 1
@@ -83,6 +142,28 @@ def plan_splits(n: int, block_n: int, parallel: int, device: torch.device) -> tu
         splits = min(tiles, max(1, triton.cdiv(2 * num_sms(device), max(1, parallel))))
     keys_per_split = triton.cdiv(tiles, splits) * block_n
     return keys_per_split, max(1, triton.cdiv(n, keys_per_split))
+
+
+def dot_tiles(rows: int, dot_fp32: bool, device: torch.device) -> tuple[int, int, int]:
+    """``(BLOCK_R, BLOCK_N, num_warps)`` of the kernels that ``tl.dot`` query rows with keys.
+
+    GPU: ``[64, 64]`` score tiles with 8 warps for fp16/bf16 operands (with 4 warps the
+    entropy kernel spills on sm_80); fp32 operands
+    (``input_precision="ieee"``: an FMA loop, not tensor cores) take ``[16, 64]`` tiles
+    with 8 warps, the largest that ``compile_check`` compiles without register spills at
+    head size 128 (``[64, 64]`` spills 16 KB per thread even with 8 warps). Interpreter:
+    big tiles (fewer Python-level iterations). ``$MEDA_DOT_TILES="R,N,W"`` overrides the
+    GPU choice (tuning runs, ``benchmarks/kernels/bench_kernels.py --tune``).
+    """
+    if is_interpreted(device):
+        return min(256, max(16, triton.next_power_of_2(rows))), 128, 4
+    env = os.environ.get("MEDA_DOT_TILES")  # "R,N,W": for tuning runs only
+    if env:
+        r, n, w = (int(x) for x in env.split(","))
+        return r, n, w
+    if dot_fp32:
+        return 16, 64, 8
+    return min(64, max(16, triton.next_power_of_2(rows))), 64, 8
 
 
 def dot_in_fp32(a: torch.dtype, b: torch.dtype, device: torch.device) -> bool:

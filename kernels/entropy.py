@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .dispatch import dot_in_fp32, is_interpreted, launchable, plan_splits, resolve_backend
+from .dispatch import dot_in_fp32, dot_tiles, launchable, plan_splits, resolve_backend
 from .gather import gather_pages_reference
 from .layout import PagedKVLayout, check_cache, check_queries, check_row
 
@@ -199,10 +199,9 @@ def _launch(q, q_pos, cache, layout: PagedKVLayout, row, n, vis, scale, causal, 
     if n == 0 or rows == 0:
         return out
     vis_u8 = vis.view(torch.uint8) if vis.dtype == torch.bool else vis.to(torch.uint8)
-    interp = is_interpreted(device)
     block_d = max(16, triton.next_power_of_2(d))
-    block_r = min(256 if interp else 64, max(16, triton.next_power_of_2(group_rows)))
-    block_n = 128 if interp else 64
+    dot_fp32 = dot_in_fp32(q.dtype, cache.dtype, device)
+    block_r, block_n, warps = dot_tiles(group_rows, dot_fp32, device)
     keys_per_split, splits = plan_splits(n, block_n, h_kv, device)
     m = torch.empty((h_kv, splits, group_rows), dtype=torch.float32, device=device)
     z = torch.empty_like(m)
@@ -227,11 +226,11 @@ def _launch(q, q_pos, cache, layout: PagedKVLayout, row, n, vis, scale, causal, 
         CAUSAL=bool(causal),
         BLOCK_SIZE=layout.block_size,
         HEAD_SIZE=d,
-        DOT_FP32=dot_in_fp32(q.dtype, cache.dtype, device),
+        DOT_FP32=dot_fp32,
         BLOCK_R=block_r,
         BLOCK_N=block_n,
         BLOCK_D=block_d,
-        num_warps=4 if block_r * block_n <= 4096 else 8,
+        num_warps=warps,
     )
     launchable(_entropy_combine_kernel, device)[(1,)](
         m,

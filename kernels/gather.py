@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .dispatch import launchable, resolve_backend
+from .dispatch import is_interpreted, launchable, resolve_backend
 from .layout import PagedKVLayout, check_cache, check_positions, check_row
 
 
@@ -74,7 +74,7 @@ def _launch(cache, layout: PagedKVLayout, row, positions, num_tokens: int):
     has_pos = positions is not None
     if has_pos:
         positions = positions.contiguous()
-    block_t = 64 if cache.device.type == "cuda" else 256
+    block_t = 256 if is_interpreted(cache.device) else 64
     grid = (triton.cdiv(num_tokens, block_t), h_kv)
     launchable(_gather_kernel, cache.device)[grid](
         cache,

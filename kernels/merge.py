@@ -252,9 +252,13 @@ def _launch_match(cache, layout: PagedKVLayout, row, kept_k, evicted):
         return match
     evicted = evicted.contiguous()
     inv_norm = _inverse_norms(kept_k).contiguous()
-    interp = is_interpreted(device)
-    block_e = 128 if interp else 64
-    block_s = 128 if interp else 64
+    dot_fp32 = dot_in_fp32(cache.dtype, cache.dtype, device)
+    if is_interpreted(device):
+        block_e, block_s, warps = 128, 128, 4
+    elif dot_fp32:  # FMA dot: smaller tiles (64 x 64 spills at head size 128)
+        block_e, block_s, warps = 32, 64, 8
+    else:
+        block_e, block_s, warps = 64, 64, 4
     launchable(_match_kernel, device)[(triton.cdiv(num_evicted, block_e), h_kv)](
         cache,
         row,
@@ -267,11 +271,11 @@ def _launch_match(cache, layout: PagedKVLayout, row, kept_k, evicted):
         *layout.k_args(),
         BLOCK_SIZE=layout.block_size,
         HEAD_SIZE=layout.head_size,
-        DOT_FP32=dot_in_fp32(cache.dtype, cache.dtype, device),
+        DOT_FP32=dot_fp32,
         BLOCK_E=block_e,
         BLOCK_S=block_s,
         BLOCK_D=max(16, triton.next_power_of_2(layout.head_size)),
-        num_warps=4,
+        num_warps=warps,
     )
     return match
 

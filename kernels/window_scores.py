@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .dispatch import dot_in_fp32, is_interpreted, launchable, plan_splits, resolve_backend
+from .dispatch import dot_in_fp32, dot_tiles, launchable, plan_splits, resolve_backend
 from .gather import gather_pages_reference
 from .layout import PagedKVLayout, check_cache, check_queries, check_row
 
@@ -219,11 +219,9 @@ def _launch(q, q_pos, cache, layout: PagedKVLayout, row, n: int, scale: float, g
     group_rows = group * rows
     if n == 0 or rows == 0:
         return out
-    interp = is_interpreted(device)
     block_d = max(16, triton.next_power_of_2(d))
-    block_r = min(256 if interp else 64, max(16, triton.next_power_of_2(group_rows)))
-    block_n = 128 if interp else 64
     dot_fp32 = dot_in_fp32(q.dtype, cache.dtype, device)
+    block_r, block_n, warps = dot_tiles(group_rows, dot_fp32, device)
     qk_scale = scale * LOG2E
     keys_per_split, splits = plan_splits(n, block_n, h_kv, device)
     m = torch.empty((h_kv, splits, group_rows), dtype=torch.float32, device=device)
@@ -239,7 +237,6 @@ def _launch(q, q_pos, cache, layout: PagedKVLayout, row, n: int, scale: float, g
         BLOCK_D=block_d,
     )
     k_layout = (*layout.k_args(),)
-    warps = 4 if block_r * block_n <= 4096 else 8
     launchable(_row_stats_kernel, device)[(h_kv, splits)](
         q,
         q_pos,
