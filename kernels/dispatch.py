@@ -144,6 +144,23 @@ def plan_splits(n: int, block_n: int, parallel: int, device: torch.device) -> tu
     return keys_per_split, max(1, triton.cdiv(n, keys_per_split))
 
 
+def env_tiles(var: str) -> tuple[int, int, int] | None:
+    """``(a, b, num_warps)`` from ``$var="a,b,w"`` (tuning runs only), else None."""
+    text = os.environ.get(var, "").strip()
+    if not text:
+        return None
+    try:
+        a, b, w = (int(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"${var} must be three ints 'a,b,warps', got {text!r}") from None
+    for x in (a, b):
+        if x < 16 or x & (x - 1):
+            raise ValueError(f"${var}: tile sizes must be powers of two >= 16, got {text!r}")
+    if w not in (1, 2, 4, 8, 16):
+        raise ValueError(f"${var}: warps must be 1, 2, 4, 8 or 16, got {text!r}")
+    return a, b, w
+
+
 def dot_tiles(rows: int, dot_fp32: bool, device: torch.device) -> tuple[int, int, int]:
     """``(BLOCK_R, BLOCK_N, num_warps)`` of the kernels that ``tl.dot`` query rows with keys.
 
@@ -157,10 +174,9 @@ def dot_tiles(rows: int, dot_fp32: bool, device: torch.device) -> tuple[int, int
     """
     if is_interpreted(device):
         return min(256, max(16, triton.next_power_of_2(rows))), 128, 4
-    env = os.environ.get("MEDA_DOT_TILES")  # "R,N,W": for tuning runs only
-    if env:
-        r, n, w = (int(x) for x in env.split(","))
-        return r, n, w
+    override = env_tiles("MEDA_DOT_TILES")
+    if override:
+        return override
     if dot_fp32:
         return 16, 64, 8
     return min(64, max(16, triton.next_power_of_2(rows))), 64, 8

@@ -69,8 +69,8 @@ def compress(
 
     def checked_view(layer: int) -> LayerView:
         view = get_view(layer)
-        if view.keys.shape[1] != n:
-            raise ValueError(f"layer {layer} view has {view.keys.shape[1]} tokens, expected {n}")
+        if n != view.N:
+            raise ValueError(f"layer {layer} view has {view.N} tokens, expected {n}")
         return view
 
     alloc = policy.layer_budgets(checked_view, num_layers, n, budget)
@@ -110,7 +110,7 @@ def _physical_length(pad_to: int | str | None, budgets: list[int], n: int) -> in
 
 def _plan_layer(policy: Policy, view: LayerView, budget: int, physical: int) -> LayerPlan:
     n = view.N
-    device = view.keys.device
+    device = view.device
     if physical >= n:
         kept = torch.arange(n, device=device).expand(view.H_kv, n).contiguous()
         return LayerPlan(kept=kept, keys=None, values=None, budget=budget)
@@ -120,5 +120,10 @@ def _plan_layer(policy: Policy, view: LayerView, budget: int, physical: int) -> 
     weights = ranking.attention
     if policy.merge == "weighted" and weights is None:
         weights = window_scores(view, policy.score_rows(n))
-    keys, values = merge_evicted(view.keys, view.values, kept, policy.merge, weights)
+    if policy.merge == "none":
+        keys = values = None
+    elif view.merge is not None:
+        keys, values = view.merge(kept, policy.merge, weights)
+    else:
+        keys, values = merge_evicted(view.keys, view.values, kept, policy.merge, weights)
     return LayerPlan(kept=kept, keys=keys, values=values, budget=budget)

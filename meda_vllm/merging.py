@@ -37,6 +37,12 @@ def nearest_kept(keys: Tensor, kept: Tensor, evicted: Tensor) -> Tensor:
     return out
 
 
+def merge_weights(weights: Tensor) -> Tensor:
+    """Per-entry weights of ``weighted`` merging: fp32 scores clamped at 0, plus a floor
+    so that zero-score entries still count (the paged kernel gets these same weights)."""
+    return weights.float().clamp_min(0) + _WEIGHT_FLOOR
+
+
 def evicted_positions(kept: Tensor, n: int) -> Tensor:
     """``[H_kv, N - S]`` ascending positions not in ``kept``."""
     h_kv = kept.shape[0]
@@ -69,7 +75,7 @@ def merge_evicted(
     if mode == "weighted":
         if weights is None:
             raise ValueError("weighted merging needs attention scores")
-        w = weights.float().clamp_min(0) + _WEIGHT_FLOOR
+        w = merge_weights(weights)
         w_kept, w_ev = w.gather(1, kept), w.gather(1, evicted)
     else:
         w_kept = torch.ones(h_kv, s, device=keys.device)

@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+#: LayerView fields an engine may hand over as zero-argument callables (computed on first use)
+LAZY_FIELDS = ("keys", "values", "window_scores", "entropy")
+
+#: ``merge(kept [H_kv, P], mode, weights [H_kv, N] | None) -> (keys, values)`` merged
+#: ``[H_kv, P, D]`` entries for the kept slots (``merging.merge_evicted``'s contract)
+Merger = Callable[[Tensor, str, "Tensor | None"], "tuple[Tensor | None, Tensor | None]"]
 
 
 @dataclass(frozen=True)
@@ -26,24 +34,63 @@ class LayerView:
     ``compress.score_rows(cfg, N)`` prompt queries: ``kv_window`` for every policy but H2O,
     ``min(N, kv_h2o_max_queries)`` for H2O) of the causal softmax, mean over the GQA group,
     before pooling. ``entropy``: MEDA cross-modal entropy of this layer.
+    ``merge``: a :data:`Merger` that merges straight from the engine's cache (used instead
+    of ``merging.merge_evicted`` on ``keys``/``values``).
+
+    Lazy fields: ``keys``, ``values``, ``window_scores`` and ``entropy`` may be given as
+    zero-argument callables; each is called on first access (then kept), so a policy pays
+    only for what it reads: MEDA's budget pass reads only ``entropy``, a selection pass
+    with the engine's ``merge`` never needs dense ``keys``. Lazy ``keys`` need ``shape``
+    (``(H_kv, N, D)``); loaded values are checked against it.
     """
 
-    keys: Tensor
-    values: Tensor
+    keys: Tensor | Callable[[], Tensor]
+    values: Tensor | Callable[[], Tensor]
     queries: Tensor
     query_pos: Tensor
     vis: Tensor | None = None
     scale: float | None = None
-    window_scores: Tensor | None = None
-    entropy: float | None = None
+    window_scores: Tensor | Callable[[], Tensor] | None = None
+    entropy: float | Callable[[], float] | None = None
+    shape: tuple[int, int, int] | None = None
+    merge: Merger | None = None
+
+    def __getattribute__(self, name: str):
+        value = object.__getattribute__(self, name)
+        if name in LAZY_FIELDS and callable(value):
+            value = value()
+            object.__getattribute__(self, "_check_loaded")(name, value)
+            object.__setattr__(self, name, value)
+        return value
+
+    def _raw(self, name: str):
+        return object.__getattribute__(self, name)
+
+    def _check_loaded(self, name: str, value) -> None:
+        h_kv, n, d = self.kv_shape
+        if name in ("keys", "values") and (
+            not isinstance(value, Tensor) or tuple(value.shape) != (h_kv, n, d)
+        ):
+            got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            raise ValueError(f"lazy {name} must be [H_kv, N, D] = {(h_kv, n, d)} (got {got})")
+        if name == "window_scores" and (
+            not isinstance(value, Tensor) or tuple(value.shape) != (h_kv, n)
+        ):
+            got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            raise ValueError(f"lazy window_scores must be [{h_kv}, {n}] (got {got})")
 
     def __post_init__(self) -> None:
-        if self.keys.dim() != 3 or self.values.shape != self.keys.shape:
-            raise ValueError(
-                f"keys and values must both be [H_kv, N, D] (got {tuple(self.keys.shape)} and "
-                f"{tuple(self.values.shape)})"
-            )
-        h_kv, n, d = self.keys.shape
+        keys, values = self._raw("keys"), self._raw("values")
+        if self.shape is not None:
+            if len(self.shape) != 3 or any(int(x) < 0 for x in self.shape):
+                raise ValueError(f"shape must be (H_kv, N, D) (got {self.shape!r})")
+            object.__setattr__(self, "shape", tuple(int(x) for x in self.shape))
+        elif callable(keys) or callable(values):
+            raise ValueError("lazy keys/values need shape=(H_kv, N, D)")
+        for name, t in (("keys", keys), ("values", values)):
+            if not callable(t):
+                self._check_eager(name, t)
+        h_kv, n, d = self.kv_shape
         if self.queries.dim() != 3 or self.queries.shape[2] != d:
             raise ValueError(f"queries must be [H, R, {d}] (got {tuple(self.queries.shape)})")
         if self.queries.shape[0] % h_kv != 0:
@@ -63,14 +110,36 @@ class LayerView:
             raise ValueError(f"query_pos must be strictly ascending positions in [0, {n})")
         if self.vis is not None and (self.vis.dtype != torch.bool or self.vis.shape != (n,)):
             raise ValueError(f"vis must be a bool tensor of shape [{n}] or None")
-        if self.window_scores is not None and self.window_scores.shape != (h_kv, n):
+        scores = self._raw("window_scores")
+        if scores is not None and not callable(scores):
+            self._check_loaded("window_scores", scores)
+        if self.merge is not None and not callable(self.merge):
+            raise ValueError("merge must be a callable (kept, mode, weights) -> (keys, values)")
+
+    def _check_eager(self, name: str, t) -> None:
+        if not isinstance(t, Tensor) or t.dim() != 3:
+            got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"keys and values must both be [H_kv, N, D] (got {name} {got})")
+        want = self.shape if self.shape is not None else None
+        other = self._raw("keys" if name == "values" else "values")
+        if want is None and not callable(other) and tuple(other.shape) != tuple(t.shape):
             raise ValueError(
-                f"window_scores must be [{h_kv}, {n}] (got {tuple(self.window_scores.shape)})"
+                f"keys and values must both be [H_kv, N, D] (got {tuple(self._raw('keys').shape)}"
+                f" and {tuple(self._raw('values').shape)})"
             )
+        if want is not None and tuple(t.shape) != want:
+            raise ValueError(f"{name} must be {want} to match shape (got {tuple(t.shape)})")
+
+    @property
+    def kv_shape(self) -> tuple[int, int, int]:
+        """``(H_kv, N, D)`` without loading lazy keys."""
+        if self.shape is not None:
+            return self.shape
+        return tuple(self._raw("keys").shape)
 
     @property
     def N(self) -> int:  # noqa: N802 - the paper's name for the prompt length
-        return self.keys.shape[1]
+        return self.kv_shape[1]
 
     @property
     def H(self) -> int:  # noqa: N802
@@ -78,11 +147,15 @@ class LayerView:
 
     @property
     def H_kv(self) -> int:  # noqa: N802
-        return self.keys.shape[0]
+        return self.kv_shape[0]
 
     @property
     def D(self) -> int:  # noqa: N802
-        return self.keys.shape[2]
+        return self.kv_shape[2]
+
+    @property
+    def device(self) -> torch.device:
+        return self.queries.device
 
     @property
     def group(self) -> int:

@@ -204,36 +204,66 @@ def check_all(p, backend):
     return res, kept, pr
 
 
-# ---------------------------------------------------------------------- timing of ops
-def bytes_model(p, h_kv, d, kept_count, elem):
-    """Bytes each op must move at least (reads + writes)."""
-    n = p["n"]
-    kv_all = n * h_kv * d * elem  # one of K or V for all tokens
-    kv_kept = kept_count * h_kv * d * elem
+# ---------------------------------------------------------------------- traffic models
+def shape_of(p, h, kept_count):
+    """The numbers the traffic and FLOP models need, from a built problem."""
+    return dict(
+        n=p["n"],
+        h=h,
+        h_kv=p["cache"].shape[1],
+        d=p["layout"].head_size,
+        rows_win=p["q_win"].shape[1],
+        rows_ent=p["q_ent"].shape[1],
+        kept=kept_count,
+        elem=p["cache"].element_size(),
+    )
+
+
+def bytes_model(sh):
+    """Per op: (bytes any implementation must move, bytes our kernels move).
+
+    ``kv`` is one of K or V for all ``n`` tokens, ``kk`` for the kept ones. Window scores
+    read K twice (row statistics, then probabilities: docs/KERNELS.md); merging gathers
+    the kept K/V (4 kk), scans evicted + kept K once for the match (kv) and reads every
+    evicted K/V plus the kept ones again to accumulate (2 kv + 2 kk); compaction from the
+    cache stages the kept tokens through a workspace (twice the minimum).
+    """
+    n, h_kv, d, elem, kept = sh["n"], sh["h_kv"], sh["d"], sh["elem"], sh["kept"]
+    kv = n * h_kv * d * elem
+    kk = kept * h_kv * d * elem
+    scores = n * h_kv * 4
     return {
-        "gather": 4 * kv_all,
-        "window_scores": kv_all + n * h_kv * 4,
-        "pool": 2 * n * h_kv * 4,
-        "entropy": kv_all + n,
-        "topk": n * h_kv * 4 + kept_count * h_kv * 8,
-        "merge": 2 * kv_all + 2 * kv_kept,
-        "compact": 4 * kv_kept,
-        "compact_gather": 4 * kv_kept,
+        "gather": (4 * kv, 4 * kv),
+        "window_scores": (kv + scores, 2 * kv + scores),
+        "pool": (2 * scores, 2 * scores),
+        "entropy": (kv + n, kv + n),
+        "topk": (scores + kept * h_kv * 8, scores + kept * h_kv * 8),
+        "merge": (2 * kv + 2 * kk, 3 * kv + 6 * kk),
+        "compact": (4 * kk, 4 * kk),
+        "compact_gather": (4 * kk, 8 * kk),
     }
 
 
-def flops_model(p, h, d, kept_count):
+def flops_model(sh):
     """Matrix-multiply FLOPs of the ops that have any (2 per multiply-add)."""
-    n, h_kv = p["n"], p["cache"].shape[1]
-    rows_win, rows_ent = p["q_win"].shape[1], p["q_ent"].shape[1]
+    n, h, h_kv, d, kept = sh["n"], sh["h"], sh["h_kv"], sh["d"], sh["kept"]
     return {
-        "window_scores": 2 * (2 * h * rows_win * n * d),  # q.k in both passes
-        "entropy": 2 * h * rows_ent * n * d,
-        "merge": 2 * h_kv * (n - kept_count) * kept_count * d,  # all-pairs cosine match
+        "window_scores": 2 * (2 * h * sh["rows_win"] * n * d),  # q.k in both passes
+        "entropy": 2 * h * sh["rows_ent"] * n * d,
+        "merge": 2 * h_kv * (n - kept) * kept * d,  # all-pairs cosine match
     }
 
 
-def time_ops(p, kept, pooled, backend, timer):
+def attention_flops(n, h, d):
+    """Causal prefill attention of one layer: half of QK^T and PV (4*h*n^2*d)."""
+    return 2 * h * n * n * d
+
+
+def roofline_ms(min_bytes, flops, gbps, tflops):
+    return max(min_bytes / (gbps * 1e9), flops / (tflops * 1e12)) * 1e3
+
+
+def time_ops(p, kept, pooled, backend, timer, only=None):
     c, lay, row, n = p["cache"], p["layout"], p["row"], p["n"]
     merged = K.paged_merge(c, lay, row, n, kept, "average", backend=backend)
     scratch = clone_cache(c)
@@ -252,7 +282,7 @@ def time_ops(p, kept, pooled, backend, timer):
         "compact": lambda: K.compact_(scratch, lay, row, kept, *merged, backend=backend),
         "compact_gather": lambda: K.compact_(scratch, lay, row, kept, backend=backend),
     }
-    return {name: timer(fn) for name, fn in ops.items()}
+    return {name: timer(fn) for name, fn in ops.items() if only is None or name in only}
 
 
 def prefill_attention_ms(h, h_kv, d, n, device, dtype, timer):
@@ -267,7 +297,71 @@ def prefill_attention_ms(h, h_kv, d, n, device, dtype, timer):
     return timer(fn)
 
 
+def gemm_tflops(device, dtype, timer, quick: bool) -> float:
+    """Measured dense GEMM throughput: the compute roof of the same run."""
+    m = 256 if quick else 8192
+    a = torch.randn(m, m, device=device, dtype=dtype)
+    b = torch.randn(m, m, device=device, dtype=dtype)
+    return 2 * m**3 / (timer(lambda: a @ b) * 1e-3) / 1e12
+
+
 STEP_OPS = ("window_scores", "pool", "entropy", "topk", "merge", "compact")
+# MEDA_DOT_TILES (window scores + entropy) and MEDA_MATCH_TILES (merge) candidates for
+# --tune: all compile without spills for sm_90a and sm_80 (python -m
+# meda_vllm.kernels.compile_check with the variable set).
+TUNE = {
+    "MEDA_DOT_TILES": ["64,64,8", "64,64,4", "32,64,4", "128,32,8", "128,64,8", "256,32,8"],
+    "MEDA_MATCH_TILES": ["64,64,4", "64,64,8", "128,64,8", "64,128,8", "32,64,4"],
+}
+TUNE_OPS = {"MEDA_DOT_TILES": ("window_scores", "entropy"), "MEDA_MATCH_TILES": ("merge",)}
+
+
+def tune(p, kept, pooled, backend, timer, quick=False):
+    """Time the tile-size candidates of the ``tl.dot`` kernels on one problem.
+
+    (The interpreter ignores the variables: ``--quick`` only checks that this runs.)"""
+    rows = []
+    for var, candidates in TUNE.items():
+        for value in candidates[:1] if quick else candidates:
+            os.environ[var] = value
+            try:
+                times = time_ops(p, kept, pooled, backend, timer, only=TUNE_OPS[var])
+                rows.append(dict(var=var, tiles=value, **times))
+            except Exception as exc:  # noqa: BLE001 - a candidate may fail to launch
+                rows.append(dict(var=var, tiles=value, error=f"{type(exc).__name__}: {exc}"))
+            finally:
+                os.environ.pop(var, None)
+    return rows
+
+
+def roofline_table(gbps: float, tflops: float, sizes) -> str:
+    """Lower bounds from the traffic/FLOP models alone (no GPU): where the time must go."""
+    lines = [
+        f"Lower bounds at {gbps:.0f} GB/s and {tflops:.0f} TFLOP/s (models, not measurements)",
+        "",
+        "| model | N | scores | entropy | merge | compact | step | attention | step/attn |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, (h, h_kv, d) in GEOMETRIES.items():
+        for n in sizes:
+            kept = max(WINDOW, math.ceil(RHO * n))
+            rows_ent = min(n, VIS_SAMPLE + WINDOW)
+            sh = dict(n=n, h=h, h_kv=h_kv, d=d, rows_win=WINDOW, rows_ent=rows_ent, kept=kept)
+            sh["elem"] = 2
+            traffic, flops = bytes_model(sh), flops_model(sh)
+            lb = {
+                op: roofline_ms(traffic[op][0], flops.get(op, 0), gbps, tflops)
+                for op in ("window_scores", "entropy", "merge", "compact")
+            }
+            step = sum(lb.values())
+            attn = attention_flops(n, h, d) / (tflops * 1e12) * 1e3
+            lines.append(
+                f"| {name} | {n} | {lb['window_scores'] * 1e3:.0f} us | "
+                f"{lb['entropy'] * 1e3:.0f} us | {lb['merge'] * 1e3:.0f} us | "
+                f"{lb['compact'] * 1e3:.0f} us | {step * 1e3:.0f} us | {attn * 1e3:.0f} us | "
+                f"{step / attn:.1%} |"
+            )
+    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------------- main
@@ -276,7 +370,23 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny CPU smoke run")
     ap.add_argument("--sizes", type=str, default=None, help="comma-separated N values")
     ap.add_argument("--out", type=str, default=os.environ.get("OUT", "./bench_out"))
+    ap.add_argument(
+        "--tune", type=int, default=None, metavar="N", help="also sweep tile sizes at this N"
+    )
+    ap.add_argument(
+        "--roofline",
+        type=str,
+        default=None,
+        metavar="GBPS,TFLOPS",
+        help="print the models' lower bounds for this bandwidth and GEMM peak; no GPU needed",
+    )
     args = ap.parse_args(argv)
+    if args.sizes:
+        sizes = [int(x) for x in args.sizes.split(",")]
+    if args.roofline:
+        gbps, tflops = (float(x) for x in args.roofline.split(","))
+        print(roofline_table(gbps, tflops, sizes if args.sizes else [2048, 8192, 32768]), end="")
+        return 0
 
     quick = args.quick
     if quick:
@@ -284,7 +394,7 @@ def main(argv=None) -> int:
         interp = os.environ.get("TRITON_INTERPRET", "0") == "1"
         backend = "triton" if interp else "torch"
         geometries = QUICK_GEOMETRIES
-        sizes = [40, 100]
+        default_sizes = [40, 100]
     else:
         if not torch.cuda.is_available():
             print("no CUDA device: use --quick for the CPU smoke run", file=sys.stderr)
@@ -292,9 +402,8 @@ def main(argv=None) -> int:
         device = torch.device("cuda")
         backend = "triton"
         geometries = GEOMETRIES
-        sizes = [2048, 8192, 32768]
-    if args.sizes:
-        sizes = [int(x) for x in args.sizes.split(",")]
+        default_sizes = [2048, 8192, 32768]
+    sizes = sizes if args.sizes else default_sizes
     dtype = torch.bfloat16
     timer = make_timer(quick)
     out_dir = Path(args.out)
@@ -317,20 +426,28 @@ def main(argv=None) -> int:
         rho=RHO,
     )
     copy_gbps = copy_bandwidth(timer, device, quick)
+    peak_tflops = gemm_tflops(device, dtype, timer, quick)
     print(f"device {env['device']} | torch {env['torch']} | triton {env['triton']}")
-    print(f"copy bandwidth (clone): {copy_gbps:8.1f} GB/s")
+    print(f"copy bandwidth (clone): {copy_gbps:8.1f} GB/s | bf16 GEMM: {peak_tflops:.1f} TFLOP/s")
 
     results = []
+    tuning = []
     all_ok = True
     for name, (h, h_kv, d) in geometries.items():
-        for n in sizes:
+        for n in sorted(set(sizes) | ({args.tune} if args.tune else set())):
             p = build_problem(h, h_kv, d, n, device, dtype)
             checks, kept, pooled = check_all(p, backend)
             ok = all(r["ok"] for r in checks.values())
             all_ok &= ok
+            if args.tune == n:
+                for row in tune(p, kept, pooled, backend, timer, quick):
+                    tuning.append(dict(model=name, n=n, **row))
+                    print(f"tune {name} N={n} {row}")
+            if n not in sizes:
+                continue
             times = time_ops(p, kept, pooled, backend, timer)
-            traffic = bytes_model(p, h_kv, d, kept.shape[1], p["cache"].element_size())
-            flops = flops_model(p, h, d, kept.shape[1])
+            sh = shape_of(p, h, kept.shape[1])
+            traffic, flops = bytes_model(sh), flops_model(sh)
             attn_ms = prefill_attention_ms(h, h_kv, d, n, device, dtype, timer)
             step_ms = sum(times[op] for op in STEP_OPS)
             print(
@@ -339,23 +456,29 @@ def main(argv=None) -> int:
             )
             ops = {}
             for op, ms in times.items():
-                gbps = traffic[op] / (ms * 1e-3) / 1e9
+                min_bytes, kernel_bytes = traffic[op]
+                gbps = kernel_bytes / (ms * 1e-3) / 1e9
                 tflops = flops[op] / (ms * 1e-3) / 1e12 if op in flops else None
+                roof = roofline_ms(min_bytes, flops.get(op, 0), copy_gbps, peak_tflops)
                 ops[op] = dict(
                     ms=ms,
-                    bytes=traffic[op],
+                    min_bytes=min_bytes,
+                    kernel_bytes=kernel_bytes,
                     gbps=gbps,
                     frac_copy=gbps / copy_gbps,
                     tflops=tflops,
+                    roofline_ms=roof,
+                    x_roofline=ms / roof,
                     **{k: v for k, v in checks.get(op, {}).items()},
                 )
                 status = checks.get(op, {}).get("ok", True)
                 print(
                     f"{op:15s} {ms:9.3f} ms {gbps:9.1f} GB/s  {gbps / copy_gbps:6.1%} of copy"
+                    f"  {ms / roof:5.1f}x roofline"
                     f"{'' if tflops is None else f'  {tflops:7.1f} TFLOP/s'}"
                     f"{'' if status else '  MISMATCH ' + str(checks[op])}"
                 )
-            attn_tflops = 2 * h * n * n * d / (attn_ms * 1e-3) / 1e12  # causal: half of 4hN^2d
+            attn_tflops = attention_flops(n, h, d) / (attn_ms * 1e-3) / 1e12
             print(
                 f"{'prefill attn':15s} {attn_ms:9.3f} ms (one layer, causal SDPA, "
                 f"{attn_tflops:.1f} TFLOP/s)"
@@ -387,7 +510,9 @@ def main(argv=None) -> int:
     report = dict(
         env=env,
         copy_gbps=copy_gbps,
+        gemm_tflops=peak_tflops,
         results=results,
+        tuning=tuning,
         all_correct=all_ok,
         wall_s=time.time() - started,
     )
@@ -405,17 +530,20 @@ def markdown(report) -> str:
     lines = [
         f"# Kernel benchmark ({env['device']}, torch {env['torch']}, triton {env['triton']})",
         "",
-        f"Copy bandwidth (clone): **{report['copy_gbps']:.0f} GB/s**. bf16, block size "
-        f"{env['block_size']}, window {env['window']}, rho {env['rho']}.",
+        f"Copy bandwidth (clone): **{report['copy_gbps']:.0f} GB/s**; bf16 GEMM "
+        f"**{report['gemm_tflops']:.0f} TFLOP/s** (same run). bf16, block size "
+        f"{env['block_size']}, window {env['window']}, rho {env['rho']}. GB/s counts the "
+        "bytes the kernels move; the roofline is the bytes any implementation must move at "
+        "copy bandwidth (or the FLOPs at the GEMM rate, whichever is longer).",
         "",
-        "| model | N | op | ms | GB/s | % of copy | TFLOP/s | correct |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | N | op | ms | GB/s | % of copy | x roofline | TFLOP/s | correct |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["results"]:
         for op, o in r["ops"].items():
             lines.append(
                 f"| {r['model']} | {r['n']} | {op} | {o['ms']:.3f} | {o['gbps']:.0f} | "
-                f"{o['frac_copy']:.0%} | "
+                f"{o['frac_copy']:.0%} | {o['x_roofline']:.1f} | "
                 f"{'' if o['tflops'] is None else format(o['tflops'], '.1f')} | "
                 f"{'yes' if o.get('ok', True) else 'NO'} |"
             )
@@ -429,6 +557,13 @@ def markdown(report) -> str:
             f"| {r['model']} | {r['n']} | {r['prefill_attention_ms']:.3f} | "
             f"{r['compress_step_ms']:.3f} | {r['step_over_attention']:.1%} |"
         )
+    if report.get("tuning"):
+        lines += ["", "| model | N | variable | tiles | op times (ms) |", "|---|---|---|---|---|"]
+        for t in report["tuning"]:
+            timing = t.get("error") or ", ".join(
+                f"{k} {v:.3f}" for k, v in t.items() if k not in ("model", "n", "var", "tiles")
+            )
+            lines.append(f"| {t['model']} | {t['n']} | {t['var']} | {t['tiles']} | {timing} |")
     return "\n".join(lines) + "\n"
 
 

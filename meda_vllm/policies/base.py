@@ -89,7 +89,7 @@ class Policy:
 
     def protected_window(self, view: LayerView, budget: int) -> Tensor:
         """``[N]`` bool: the last ``min(w, budget)`` positions, always kept."""
-        return recent_mask(view.N, min(self.window, budget), view.keys.device)
+        return recent_mask(view.N, min(self.window, budget), view.device)
 
     def tiers(self, view: LayerView, budget: int) -> Tensor | None:
         """Forced-keep tiers for a layer budget of ``budget`` (default: the window)."""

@@ -18,7 +18,7 @@ class FullPolicy(Policy):
     evicts = False
 
     def raw_score(self, view: LayerView) -> Tensor:
-        return torch.zeros(view.H_kv, view.N, device=view.keys.device)
+        return torch.zeros(view.H_kv, view.N, device=view.device)
 
     def query_positions(self, n: int, vis: Tensor | None) -> Tensor:
         return torch.empty(0, dtype=torch.long)

@@ -31,4 +31,4 @@ class H2OPolicy(Policy):
 
     def tiers(self, view: LayerView, budget: int) -> Tensor:
         recent = max(min(self.window, budget), budget // 2)
-        return recent_mask(view.N, recent, view.keys.device).to(torch.int64)
+        return recent_mask(view.N, recent, view.device).to(torch.int64)

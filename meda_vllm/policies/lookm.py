@@ -38,7 +38,7 @@ class LookMPolicy(Policy):
     def tiers(self, view: LayerView, budget: int) -> Tensor:
         share = self.recent_ratio / (self.recent_ratio + self.topk_ratio)
         recent = max(min(self.window, budget), round(share * budget))
-        tier = 2 * recent_mask(view.N, recent, view.keys.device).to(torch.int64)
+        tier = 2 * recent_mask(view.N, recent, view.device).to(torch.int64)
         if view.vis is not None:
             text = ~view.vis.to(tier.device)
             tier = torch.where(tier == 0, text.to(torch.int64), tier)

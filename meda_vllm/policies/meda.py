@@ -47,7 +47,7 @@ class MEDAPolicy(Policy):
     def tiers(self, view: LayerView, budget: int) -> Tensor:
         # Recent window M (at least the observation window), then text before vision.
         recent = max(min(self.window, budget), round(self.recent_fraction * budget))
-        tier = 2 * recent_mask(view.N, recent, view.keys.device).to(torch.int64)
+        tier = 2 * recent_mask(view.N, recent, view.device).to(torch.int64)
         if view.vis is not None:
             text = ~view.vis.to(tier.device)
             tier = torch.where(tier == 0, text.to(torch.int64), tier)

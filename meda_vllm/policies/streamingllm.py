@@ -27,7 +27,7 @@ class StreamingLLMPolicy(Policy):
 
     def raw_score(self, view: LayerView) -> Tensor:
         # Recency is the score: later positions rank first.
-        pos = torch.arange(view.N, dtype=torch.float32, device=view.keys.device)
+        pos = torch.arange(view.N, dtype=torch.float32, device=view.device)
         return pos.expand(view.H_kv, view.N)
 
     def tiers(self, view: LayerView, budget: int) -> Tensor:

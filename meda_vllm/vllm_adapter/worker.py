@@ -23,15 +23,10 @@ import torch
 
 from meda_vllm.compress import compress, required_query_positions, score_rows
 from meda_vllm.config import KVPolicyConfig
-from meda_vllm.kernels import (
-    compact_,
-    gather_kv,
-    paged_cross_modal_entropy,
-    paged_window_scores,
-    resolve_backend,
-)
+from meda_vllm.kernels import compact_, resolve_backend
 from meda_vllm.kernels.layout import PagedKVLayout
 from meda_vllm.modality import entropy_query_positions, modality_mask
+from meda_vllm.paged_view import paged_layer_view
 from meda_vllm.selection import rows_for_positions
 from meda_vllm.types import LayerView
 from meda_vllm.vllm_adapter import capture, metrics, settings
@@ -200,29 +195,18 @@ class WorkerCompression:
             entropy_sel = rows_for_positions(query_pos, wanted.to(device))
 
         def get_view(layer: int) -> LayerView:
-            cache, layout = self.cache(layer), self.layouts[layer]
-            keys, values = gather_kv(cache, layout, row, n)
-            queries = cap.rows[layer].to(device).transpose(0, 1)  # [H, R, D]
-            overrides: dict[str, Any] = {}
-            if fast:
-                q = queries[:, score_sel]
-                overrides["window_scores"] = paged_window_scores(
-                    q, query_pos[score_sel], cache, layout, row, n
-                )
-                if entropy_sel is not None:
-                    e = paged_cross_modal_entropy(
-                        queries[:, entropy_sel],
-                        query_pos[entropy_sel],
-                        cache,
-                        layout,
-                        row,
-                        n,
-                        vis,
-                        causal=cfg.kv_meda_entropy_causal,
-                    )
-                    overrides["entropy"] = float(e.sum())
-            return LayerView(
-                keys=keys, values=values, queries=queries, query_pos=query_pos, vis=vis, **overrides
+            return paged_layer_view(
+                self.cache(layer),
+                self.layouts[layer],
+                row,
+                n,
+                cap.rows[layer].to(device).transpose(0, 1),  # [H, R, D]
+                query_pos,
+                vis,
+                fast=fast,
+                score_sel=score_sel,
+                entropy_sel=entropy_sel,
+                entropy_causal=cfg.kv_meda_entropy_causal,
             )
 
         try:

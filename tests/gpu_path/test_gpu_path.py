@@ -38,6 +38,9 @@ MEDA_KERNELS = {
     "meda_vllm.kernels.window_scores._scores_kernel",
     "meda_vllm.kernels.entropy._entropy_partial_kernel",
     "meda_vllm.kernels.compact._write_kernel",
+    # MEDA merges from the pages (paged_merge), not from dense torch copies of K/V
+    "meda_vllm.kernels.merge._match_kernel",
+    "meda_vllm.kernels.merge._accumulate_kernel",
 }
 
 

@@ -14,7 +14,7 @@ def test_bench_quick(tmp_path):
     env = dict(os.environ, OUT=str(tmp_path), TRITON_INTERPRET="1")
     env.pop("MEDA_KERNELS", None)
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--sizes", "40"],
+        [sys.executable, str(SCRIPT), "--quick", "--sizes", "40", "--tune", "40"],
         env=env,
         cwd=tmp_path,  # the script must find the kernels without the caller's cwd
         capture_output=True,
@@ -27,4 +27,28 @@ def test_bench_quick(tmp_path):
     assert {r["model"] for r in report["results"]} == {"tiny-mha", "tiny-gqa"}
     ops = report["results"][0]["ops"]
     assert {"window_scores", "entropy", "merge", "compact", "topk", "pool"} <= set(ops)
-    assert "compression step" in (tmp_path / "bench_kernels.md").read_text()
+    assert all(o["x_roofline"] > 0 and o["kernel_bytes"] >= o["min_bytes"] for o in ops.values())
+    assert {t["var"] for t in report["tuning"]} == {"MEDA_DOT_TILES", "MEDA_MATCH_TILES"}
+    assert all("error" not in t for t in report["tuning"])
+    md = (tmp_path / "bench_kernels.md").read_text()
+    assert "compression step" in md and "MEDA_MATCH_TILES" in md
+
+
+def test_roofline_mode_needs_no_gpu():
+    """``--roofline`` prints the traffic/FLOP models' lower bounds; merging dominates MHA."""
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--roofline", "3000,690", "--sizes", "8192"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line.split("|") for line in proc.stdout.splitlines() if "| 8192 |" in line]
+    assert [r[1].strip() for r in rows] == ["llava-1.5-7b", "qwen2-vl-7b"]
+    for r in rows:
+        scores, entropy, merge, compact = (float(c.split()[0]) for c in r[3:7])
+        step = float(r[7].split()[0])
+        assert abs(step - (scores + entropy + merge + compact)) <= 2
+    # LLaVA (MHA, 32 KV heads): the all-pairs merge match costs more than everything else
+    llava = [float(c.split()[0]) for c in rows[0][3:7]]
+    assert llava[2] > llava[0] + llava[1] + llava[3]

@@ -8,14 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from meda_vllm import paged_view
 from meda_vllm.compress import compress, required_query_positions, score_rows
 from meda_vllm.config import KVPolicyConfig
-from meda_vllm.kernels import (
-    PagedKVLayout,
-    gather_kv,
-    paged_cross_modal_entropy_reference,
-    paged_window_scores_reference,
-)
+from meda_vllm.kernels import PagedKVLayout
 from meda_vllm.modality import entropy_query_positions
 from meda_vllm.selection import rows_for_positions
 from meda_vllm.types import LayerView
@@ -43,38 +39,47 @@ def _paged_request(n: int, layers: int, h: int, h_kv: int, d: int, bs: int, seed
 
 
 @pytest.mark.parametrize("policy", ["snapkv", "pyramidkv", "meda", "madakv", "h2o", "lookm"])
-def test_paged_overrides_give_the_core_plan(policy):
+def test_paged_overrides_give_the_core_plan(policy, monkeypatch):
+    """``paged_layer_view(fast=True)`` (the worker's GPU path: lazy scores, entropy and
+    merging from the paged ops, no dense K/V) plans exactly what the dense path plans."""
     n, layers, h, h_kv, d, bs = 300, 3, 4, 2, 16, 32
     layout, row, caches, queries, vis = _paged_request(n, layers, h, h_kv, d, bs, seed=7)
     cfg = KVPolicyConfig.from_mapping({"kv_policy": policy, "kv_budget": 0.25, "kv_window": 16})
+    if policy == "lookm":
+        cfg = cfg.merged({"kv_merge": "weighted"})
     pos = required_query_positions(cfg, n, vis)
     score_sel = torch.nonzero(pos >= n - score_rows(cfg, n)).squeeze(1)
+    ent_sel = None
     if policy == "meda":
         ent_pos = entropy_query_positions(n, vis, cfg.kv_window, cfg.kv_meda_visual_stride)
         ent_sel = rows_for_positions(pos, ent_pos)
+    gathers = []
+    real_gather = paged_view.gather_kv
+    monkeypatch.setattr(
+        paged_view, "gather_kv", lambda *a, **k: gathers.append(1) or real_gather(*a, **k)
+    )
 
     def view(layer: int, fast: bool) -> LayerView:
-        keys, values = gather_kv(caches[layer], layout, row, n)
         q = queries[layer][:, pos]
-        extra = {}
-        if fast:
-            extra["window_scores"] = paged_window_scores_reference(
-                q[:, score_sel], pos[score_sel], caches[layer], layout, row, n
-            )
-            if policy == "meda":
-                e = paged_cross_modal_entropy_reference(
-                    q[:, ent_sel], pos[ent_sel], caches[layer], layout, row, n, vis
-                )
-                extra["entropy"] = float(e.sum())
-        return LayerView(keys=keys, values=values, queries=q, query_pos=pos, vis=vis, **extra)
+        return paged_view.paged_layer_view(
+            caches[layer], layout, row, n, q, pos, vis, fast=fast,
+            score_sel=score_sel, entropy_sel=ent_sel,
+        )  # fmt: skip
 
     slow = compress(lambda i: view(i, False), layers, cfg, n, pad_to="max")
+    dense_gathers = len(gathers)
     fast = compress(lambda i: view(i, True), layers, cfg, n, pad_to="max")
+    assert dense_gathers > 0 and len(gathers) == dense_gathers  # fast: no dense K/V copy
     assert slow is not None and fast is not None
     assert slow.layer_budgets == fast.layer_budgets
     if policy == "meda":
         assert fast.entropy == pytest.approx(slow.entropy, rel=1e-4)
+    merged = 0
     for a, b in zip(slow.layers, fast.layers, strict=True):
         assert torch.equal(a.kept, b.kept)
+        assert (a.keys is None) == (b.keys is None)
         if a.keys is not None:
+            merged += 1
             torch.testing.assert_close(a.keys, b.keys, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(a.values, b.values, rtol=1e-5, atol=1e-5)
+    assert merged == (layers if policy in ("meda", "lookm") else 0)

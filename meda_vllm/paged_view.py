@@ -1,0 +1,90 @@
+"""One layer of a request, seen by the core straight from a paged KV cache.
+
+The serving engine's bridge between vLLM's pages and :func:`meda_vllm.compress.compress`.
+With ``fast=True`` (the Triton kernels; GPU, or forced with ``MEDA_KERNELS=triton``) the
+view is lazy: window scores, MEDA's entropy and merging are computed by the paged kernels
+on first use, and dense ``[H_kv, N, D]`` copies of K and V are made only if a policy asks
+for ``view.keys``/``view.values`` (none does when the kernels provide scores, entropy and
+merging). With ``fast=False`` (the CPU production path) K and V are gathered once into
+dense tensors and the core computes everything from them with plain torch.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor
+
+from meda_vllm.kernels import (
+    PagedKVLayout,
+    gather_kv,
+    paged_cross_modal_entropy,
+    paged_merge,
+    paged_window_scores,
+)
+from meda_vllm.merging import merge_weights
+from meda_vllm.types import LayerView
+
+
+def paged_layer_view(
+    cache: Tensor,
+    layout: PagedKVLayout,
+    row: Tensor,
+    n: int,
+    queries: Tensor,
+    query_pos: Tensor,
+    vis: Tensor | None,
+    *,
+    fast: bool,
+    score_sel: Tensor | None = None,
+    entropy_sel: Tensor | None = None,
+    entropy_causal: bool = False,
+) -> LayerView:
+    """The :class:`LayerView` of one layer whose first ``n`` tokens live in pages ``row``.
+
+    ``queries [H, R, D]`` captured rows at ``query_pos [R]``. Fast path only:
+    ``score_sel`` indexes the rows the window scores sum over (``compress.score_rows``);
+    ``entropy_sel`` the rows of MEDA's entropy sample (None: no entropy override).
+    """
+    if not fast:
+        keys, values = gather_kv(cache, layout, row, n, backend="torch")
+        return LayerView(keys=keys, values=values, queries=queries, query_pos=query_pos, vis=vis)
+
+    @functools.cache
+    def dense() -> tuple[Tensor, Tensor]:
+        return gather_kv(cache, layout, row, n)
+
+    def scores() -> Tensor:
+        sel = score_sel if score_sel is not None else torch.arange(queries.shape[1])
+        sel = sel.to(query_pos.device)
+        return paged_window_scores(queries[:, sel], query_pos[sel], cache, layout, row, n)
+
+    def entropy() -> float:
+        e = paged_cross_modal_entropy(
+            queries[:, entropy_sel],
+            query_pos[entropy_sel],
+            cache,
+            layout,
+            row,
+            n,
+            vis,
+            causal=entropy_causal,
+        )
+        return float(e.sum())
+
+    def merge(kept: Tensor, mode: str, weights: Tensor | None):
+        w = merge_weights(weights) if mode == "weighted" else None
+        return paged_merge(cache, layout, row, n, kept.contiguous(), mode, w)
+
+    return LayerView(
+        keys=lambda: dense()[0],
+        values=lambda: dense()[1],
+        queries=queries,
+        query_pos=query_pos,
+        vis=vis,
+        window_scores=scores,
+        entropy=entropy if entropy_sel is not None and vis is not None else None,
+        shape=(layout.num_kv_heads, n, layout.head_size),
+        merge=merge,
+    )
