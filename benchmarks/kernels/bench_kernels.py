@@ -433,91 +433,103 @@ def main(argv=None) -> int:
     results = []
     tuning = []
     all_ok = True
-    for name, (h, h_kv, d) in geometries.items():
-        for n in sorted(set(sizes) | ({args.tune} if args.tune else set())):
-            p = build_problem(h, h_kv, d, n, device, dtype)
-            checks, kept, pooled = check_all(p, backend)
-            ok = all(r["ok"] for r in checks.values())
-            all_ok &= ok
-            if args.tune == n:
-                for row in tune(p, kept, pooled, backend, timer, quick):
-                    tuning.append(dict(model=name, n=n, **row))
-                    print(f"tune {name} N={n} {row}")
-            if n not in sizes:
-                continue
-            times = time_ops(p, kept, pooled, backend, timer)
-            sh = shape_of(p, h, kept.shape[1])
-            traffic, flops = bytes_model(sh), flops_model(sh)
-            attn_ms = prefill_attention_ms(h, h_kv, d, n, device, dtype, timer)
-            step_ms = sum(times[op] for op in STEP_OPS)
-            print(
-                f"\n== {name} N={n} (H={h}, H_kv={h_kv}, D={d}, kept={kept.shape[1]}) "
-                f"correct={'yes' if ok else 'NO'}"
-            )
-            ops = {}
-            for op, ms in times.items():
-                min_bytes, kernel_bytes = traffic[op]
-                gbps = kernel_bytes / (ms * 1e-3) / 1e9
-                tflops = flops[op] / (ms * 1e-3) / 1e12 if op in flops else None
-                roof = roofline_ms(min_bytes, flops.get(op, 0), copy_gbps, peak_tflops)
-                ops[op] = dict(
-                    ms=ms,
-                    min_bytes=min_bytes,
-                    kernel_bytes=kernel_bytes,
-                    gbps=gbps,
-                    frac_copy=gbps / copy_gbps,
-                    tflops=tflops,
-                    roofline_ms=roof,
-                    x_roofline=ms / roof,
-                    **{k: v for k, v in checks.get(op, {}).items()},
-                )
-                status = checks.get(op, {}).get("ok", True)
-                print(
-                    f"{op:15s} {ms:9.3f} ms {gbps:9.1f} GB/s  {gbps / copy_gbps:6.1%} of copy"
-                    f"  {ms / roof:5.1f}x roofline"
-                    f"{'' if tflops is None else f'  {tflops:7.1f} TFLOP/s'}"
-                    f"{'' if status else '  MISMATCH ' + str(checks[op])}"
-                )
-            attn_tflops = attention_flops(n, h, d) / (attn_ms * 1e-3) / 1e12
-            print(
-                f"{'prefill attn':15s} {attn_ms:9.3f} ms (one layer, causal SDPA, "
-                f"{attn_tflops:.1f} TFLOP/s)"
-            )
-            print(
-                f"{'compress step':15s} {step_ms:9.3f} ms = {step_ms / attn_ms:6.1%} "
-                f"of prefill attention"
-            )
-            results.append(
-                dict(
-                    model=name,
-                    n=n,
-                    heads=h,
-                    kv_heads=h_kv,
-                    head_size=d,
-                    kept=int(kept.shape[1]),
-                    correct=ok,
-                    ops=ops,
-                    prefill_attention_ms=attn_ms,
-                    prefill_attention_tflops=attn_tflops,
-                    compress_step_ms=step_ms,
-                    step_over_attention=step_ms / attn_ms,
-                )
-            )
-            del p, kept, pooled
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
 
-    report = dict(
-        env=env,
-        copy_gbps=copy_gbps,
-        gemm_tflops=peak_tflops,
-        results=results,
-        tuning=tuning,
-        all_correct=all_ok,
-        wall_s=time.time() - started,
-    )
-    (out_dir / "bench_kernels.json").write_text(json.dumps(report, indent=2))
-    (out_dir / "bench_kernels.md").write_text(markdown(report))
+    def save():
+        """Written after every problem, so a run cut short still leaves its results."""
+        report = dict(
+            env=env,
+            copy_gbps=copy_gbps,
+            gemm_tflops=peak_tflops,
+            results=results,
+            tuning=tuning,
+            all_correct=all_ok,
+            wall_s=time.time() - started,
+        )
+        (out_dir / "bench_kernels.json").write_text(json.dumps(report, indent=2))
+        (out_dir / "bench_kernels.md").write_text(markdown(report))
+        return report
+
+    # small sizes first, both geometries each: a run cut short keeps the most results
+    problems = [
+        (n, name, geometry)
+        for n in sorted(set(sizes) | ({args.tune} if args.tune else set()))
+        for name, geometry in geometries.items()
+    ]
+    for n, name, (h, h_kv, d) in problems:
+        p = build_problem(h, h_kv, d, n, device, dtype)
+        checks, kept, pooled = check_all(p, backend)
+        ok = all(r["ok"] for r in checks.values())
+        all_ok &= ok
+        if args.tune == n:
+            for row in tune(p, kept, pooled, backend, timer, quick):
+                tuning.append(dict(model=name, n=n, **row))
+                print(f"tune {name} N={n} {row}")
+        if n not in sizes:
+            continue
+        times = time_ops(p, kept, pooled, backend, timer)
+        sh = shape_of(p, h, kept.shape[1])
+        traffic, flops = bytes_model(sh), flops_model(sh)
+        attn_ms = prefill_attention_ms(h, h_kv, d, n, device, dtype, timer)
+        step_ms = sum(times[op] for op in STEP_OPS)
+        print(
+            f"\n== {name} N={n} (H={h}, H_kv={h_kv}, D={d}, kept={kept.shape[1]}) "
+            f"correct={'yes' if ok else 'NO'}"
+        )
+        ops = {}
+        for op, ms in times.items():
+            min_bytes, kernel_bytes = traffic[op]
+            gbps = kernel_bytes / (ms * 1e-3) / 1e9
+            tflops = flops[op] / (ms * 1e-3) / 1e12 if op in flops else None
+            roof = roofline_ms(min_bytes, flops.get(op, 0), copy_gbps, peak_tflops)
+            ops[op] = dict(
+                ms=ms,
+                min_bytes=min_bytes,
+                kernel_bytes=kernel_bytes,
+                gbps=gbps,
+                frac_copy=gbps / copy_gbps,
+                tflops=tflops,
+                roofline_ms=roof,
+                x_roofline=ms / roof,
+                **{k: v for k, v in checks.get(op, {}).items()},
+            )
+            status = checks.get(op, {}).get("ok", True)
+            print(
+                f"{op:15s} {ms:9.3f} ms {gbps:9.1f} GB/s  {gbps / copy_gbps:6.1%} of copy"
+                f"  {ms / roof:5.1f}x roofline"
+                f"{'' if tflops is None else f'  {tflops:7.1f} TFLOP/s'}"
+                f"{'' if status else '  MISMATCH ' + str(checks[op])}"
+            )
+        attn_tflops = attention_flops(n, h, d) / (attn_ms * 1e-3) / 1e12
+        print(
+            f"{'prefill attn':15s} {attn_ms:9.3f} ms (one layer, causal SDPA, "
+            f"{attn_tflops:.1f} TFLOP/s)"
+        )
+        print(
+            f"{'compress step':15s} {step_ms:9.3f} ms = {step_ms / attn_ms:6.1%} "
+            f"of prefill attention"
+        )
+        results.append(
+            dict(
+                model=name,
+                n=n,
+                heads=h,
+                kv_heads=h_kv,
+                head_size=d,
+                kept=int(kept.shape[1]),
+                correct=ok,
+                ops=ops,
+                prefill_attention_ms=attn_ms,
+                prefill_attention_tflops=attn_tflops,
+                compress_step_ms=step_ms,
+                step_over_attention=step_ms / attn_ms,
+            )
+        )
+        save()
+        del p, kept, pooled
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    report = save()
     print(
         f"\nwrote {out_dir / 'bench_kernels.json'} and .md in {report['wall_s']:.1f} s; "
         f"all correct: {all_ok}"
