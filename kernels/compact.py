@@ -26,6 +26,7 @@ from .dispatch import is_interpreted, launchable, resolve_backend
 from .gather import _launch as _gather_launch
 from .gather import gather_kv_at_reference
 from .layout import FLOAT_DTYPES, PagedKVLayout, check_cache, check_positions, check_row
+from .tiles import kv_offsets, page_slots
 
 
 @triton.jit
@@ -75,11 +76,11 @@ def _write_kernel(
         + offs_d[None, :] * src_v_stride_d,
         mask=mask,
     )
-    page = tl.load(row_ptr + tok // BLOCK_SIZE, mask=mask_t, other=0).to(tl.int64)
-    base = page * block_stride + head * head_stride
-    slot = tok % BLOCK_SIZE
-    k_addr = (base + k_offset + slot * k_token_stride)[:, None] + offs_d[None, :] * k_dim_stride
-    v_addr = (base + v_offset + slot * v_token_stride)[:, None] + offs_d[None, :] * v_dim_stride
+    base, slot = page_slots(row_ptr, tok, mask_t, head, block_stride, head_stride, BLOCK_SIZE)
+    k_addr, v_addr = kv_offsets(
+        base, slot, offs_d,
+        k_offset, k_token_stride, k_dim_stride, v_offset, v_token_stride, v_dim_stride,
+    )  # fmt: skip
     tl.store(cache_ptr + k_addr, k, mask=mask)
     tl.store(cache_ptr + v_addr, v, mask=mask)
 

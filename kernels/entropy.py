@@ -29,6 +29,7 @@ import triton.language as tl
 from .dispatch import dot_in_fp32, dot_tiles, launchable, plan_splits, resolve_backend
 from .gather import gather_pages_reference
 from .layout import PagedKVLayout, check_cache, check_queries, check_row
+from .tiles import load_k_tile, load_query_rows
 
 LOG2E = 1.4426950408889634
 
@@ -72,21 +73,15 @@ def _entropy_partial_kernel(
     mask_d = offs_d < HEAD_SIZE
     key_lo = split * keys_per_split
     key_hi = tl.minimum(key_lo + keys_per_split, n)
-    head_base = kv_head.to(tl.int64) * head_stride + k_offset
+    head = kv_head.to(tl.int64)
 
     for row_lo in range(0, group_rows, BLOCK_R):
         rr = row_lo + tl.arange(0, BLOCK_R)
         mask_r = rr < group_rows
-        q_head = kv_head * GROUP + rr // rows_per_head
-        r = rr % rows_per_head
-        q_addr = q_head.to(tl.int64) * q_stride_h + r * q_stride_r
-        q = tl.load(
-            q_ptr + q_addr[:, None] + offs_d[None, :] * q_stride_d,
-            mask=mask_r[:, None] & mask_d[None, :],
-            other=0.0,
-        )
-        if DOT_FP32:
-            q = q.to(tl.float32)
+        q, r = load_query_rows(
+            q_ptr, kv_head, rr, mask_r, offs_d, mask_d, rows_per_head,
+            q_stride_h, q_stride_r, q_stride_d, GROUP, DOT_FP32,
+        )  # fmt: skip
         q_pos = tl.load(q_pos_ptr + r, mask=mask_r, other=0).to(tl.int64)
         row_vis = tl.load(vis_ptr + q_pos, mask=mask_r, other=0) != 0
 
@@ -96,13 +91,10 @@ def _entropy_partial_kernel(
         for key_start in range(key_lo, key_hi, BLOCK_N):
             keys = key_start + tl.arange(0, BLOCK_N)
             mask_n = keys < key_hi
-            page = tl.load(row_ptr + keys // BLOCK_SIZE, mask=mask_n, other=0).to(tl.int64)
-            k_addr = page * block_stride + head_base + (keys % BLOCK_SIZE) * k_token_stride
-            k = tl.load(
-                cache_ptr + k_addr[:, None] + offs_d[None, :] * k_dim_stride,
-                mask=mask_n[:, None] & mask_d[None, :],
-                other=0.0,
-            )
+            k = load_k_tile(
+                cache_ptr, row_ptr, keys, mask_n, head, offs_d, mask_d,
+                block_stride, head_stride, k_offset, k_token_stride, k_dim_stride, BLOCK_SIZE,
+            )  # fmt: skip
             key_vis = tl.load(vis_ptr + keys, mask=mask_n, other=0) != 0
             if DOT_FP32:
                 s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")

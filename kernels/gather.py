@@ -14,6 +14,7 @@ import triton.language as tl
 
 from .dispatch import is_interpreted, launchable, resolve_backend
 from .layout import PagedKVLayout, check_cache, check_positions, check_row
+from .tiles import kv_offsets, page_slots
 
 
 @triton.jit
@@ -49,14 +50,13 @@ def _gather_kernel(
         tok = tl.load(pos_ptr + head * pos_stride_h + offs_t, mask=mask_t, other=0).to(tl.int64)
     else:
         tok = offs_t.to(tl.int64)
-    page = tl.load(row_ptr + tok // BLOCK_SIZE, mask=mask_t, other=0).to(tl.int64)
-    slot = tok % BLOCK_SIZE
-    base = page * block_stride + head * head_stride
+    base, slot = page_slots(row_ptr, tok, mask_t, head, block_stride, head_stride, BLOCK_SIZE)
     offs_d = tl.arange(0, BLOCK_D)
     mask = mask_t[:, None] & (offs_d < HEAD_SIZE)[None, :]
-
-    k_addr = (base + k_offset + slot * k_token_stride)[:, None] + offs_d[None, :] * k_dim_stride
-    v_addr = (base + v_offset + slot * v_token_stride)[:, None] + offs_d[None, :] * v_dim_stride
+    k_addr, v_addr = kv_offsets(
+        base, slot, offs_d,
+        k_offset, k_token_stride, k_dim_stride, v_offset, v_token_stride, v_dim_stride,
+    )  # fmt: skip
     k = tl.load(cache_ptr + k_addr, mask=mask)
     v = tl.load(cache_ptr + v_addr, mask=mask)
 

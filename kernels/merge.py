@@ -35,6 +35,7 @@ from .dispatch import dot_in_fp32, env_tiles, is_interpreted, launchable, resolv
 from .gather import _launch as _gather_launch
 from .gather import gather_kv_at_reference
 from .layout import PagedKVLayout, check_cache, check_positions, check_row
+from .tiles import kv_offsets, load_k_tile, page_slots
 
 MERGE_MODES = ("average", "weighted")
 NORM_EPS = 1e-8
@@ -69,19 +70,10 @@ def _match_kernel(
     mask_d = offs_d < HEAD_SIZE
 
     pos_e = tl.load(evicted_ptr + head * num_evicted + offs_e, mask=mask_e, other=0)
-    pos_e = pos_e.to(tl.int64)
-    page_e = tl.load(row_ptr + pos_e // BLOCK_SIZE, mask=mask_e, other=0).to(tl.int64)
-    addr_e = (
-        page_e * block_stride
-        + head * head_stride
-        + k_offset
-        + (pos_e % BLOCK_SIZE) * k_token_stride
-    )
-    k_e = tl.load(
-        cache_ptr + addr_e[:, None] + offs_d[None, :] * k_dim_stride,
-        mask=mask_e[:, None] & mask_d[None, :],
-        other=0.0,
-    )
+    k_e = load_k_tile(
+        cache_ptr, row_ptr, pos_e.to(tl.int64), mask_e, head, offs_d, mask_d,
+        block_stride, head_stride, k_offset, k_token_stride, k_dim_stride, BLOCK_SIZE,
+    )  # fmt: skip
     if DOT_FP32:
         k_e = k_e.to(tl.float32)
 
@@ -146,7 +138,6 @@ def _accumulate_kernel(
     head = tl.program_id(1).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_SIZE
-    head_base = head * head_stride
 
     seg = head * num_kept + j
     x_k = tl.load(kept_k_ptr + seg * HEAD_SIZE + offs_d, mask=mask_d).to(tl.float32)
@@ -165,24 +156,16 @@ def _accumulate_kernel(
         pos_e = tl.load(
             sorted_pos_ptr + head * num_evicted + start + offs_e, mask=mask_e, other=0
         ).to(tl.int64)
-        page_e = tl.load(row_ptr + pos_e // BLOCK_SIZE, mask=mask_e, other=0).to(tl.int64)
-        base_e = page_e * block_stride + head_base
-        slot_e = pos_e % BLOCK_SIZE
+        base_e, slot_e = page_slots(
+            row_ptr, pos_e, mask_e, head, block_stride, head_stride, BLOCK_SIZE
+        )
+        k_addr, v_addr = kv_offsets(
+            base_e, slot_e, offs_d,
+            k_offset, k_token_stride, k_dim_stride, v_offset, v_token_stride, v_dim_stride,
+        )  # fmt: skip
         mask = mask_e[:, None] & mask_d[None, :]
-        e_k = tl.load(
-            cache_ptr
-            + (base_e + k_offset + slot_e * k_token_stride)[:, None]
-            + offs_d[None, :] * k_dim_stride,
-            mask=mask,
-            other=0.0,
-        ).to(tl.float32)
-        e_v = tl.load(
-            cache_ptr
-            + (base_e + v_offset + slot_e * v_token_stride)[:, None]
-            + offs_d[None, :] * v_dim_stride,
-            mask=mask,
-            other=0.0,
-        ).to(tl.float32)
+        e_k = tl.load(cache_ptr + k_addr, mask=mask, other=0.0).to(tl.float32)
+        e_v = tl.load(cache_ptr + v_addr, mask=mask, other=0.0).to(tl.float32)
         sum_k += tl.sum(e_k, 0)
         sum_v += tl.sum(e_v, 0)
         if WEIGHTED:
