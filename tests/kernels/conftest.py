@@ -158,6 +158,24 @@ def paged():
     return build_paged
 
 
+def build_layout_case(kind, block_size, n, num_kv_heads, **kwargs):
+    """The layout/ragged sweeps' request: bf16, head size 80 (masked to 128 lanes)."""
+    return build_paged(
+        kind=kind,
+        dtype=torch.bfloat16,
+        head_size=80,
+        block_size=block_size,
+        n=n,
+        num_kv_heads=num_kv_heads,
+        **kwargs,
+    )
+
+
+@pytest.fixture
+def layout_case():
+    return build_layout_case
+
+
 STORE_TOL = {  # (atol, rtol) for values rounded once into the dtype
     torch.float32: (1e-5, 1e-5),
     torch.float16: (2e-3, 2e-3),

@@ -73,15 +73,8 @@ def test_compact_dtype_head_size(paged, dtype, head_size):
         ("vec", 1, 16, 600, 300),  # several write tiles in the interpreter
     ],
 )
-def test_compact_layouts_ragged(paged, kind, num_kv_heads, block_size, n, count):
-    p = paged(
-        kind=kind,
-        dtype=torch.bfloat16,
-        head_size=80,
-        block_size=block_size,
-        n=n,
-        num_kv_heads=num_kv_heads,
-    )
+def test_compact_layouts_ragged(layout_case, kind, num_kv_heads, block_size, n, count):
+    p = layout_case(kind, block_size, n, num_kv_heads)
     _run(p, kept_positions(num_kv_heads, n, count))
 
 

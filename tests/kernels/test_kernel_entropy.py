@@ -76,15 +76,8 @@ def test_entropy_dtype_head_size(paged, dtype, head_size):
         ("vec", 1, 128, 300, 40, True),
     ],
 )
-def test_entropy_layouts_gqa_causal(paged, kind, group, block_size, n, rows, causal):
-    p = paged(
-        kind=kind,
-        dtype=torch.bfloat16,
-        head_size=80,
-        block_size=block_size,
-        n=n,
-        num_kv_heads=2 if group < 7 else 1,
-    )
+def test_entropy_layouts_gqa_causal(layout_case, kind, group, block_size, n, rows, causal):
+    p = layout_case(kind, block_size, n, 2 if group < 7 else 1)
     q, q_pos, vis = make_case(p, group, rows, torch.bfloat16)
     _run(p, q, q_pos, vis, causal=causal)
 

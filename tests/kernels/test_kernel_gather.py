@@ -39,16 +39,8 @@ def test_gather_dtype_head_size(paged, dtype, head_size):
         ("nhd", 16, 0, 2, torch.int32),
     ],
 )
-def test_gather_layouts_and_ragged(paged, kind, block_size, n, num_kv_heads, row_dtype):
-    p = paged(
-        kind=kind,
-        dtype=torch.bfloat16,
-        head_size=80,
-        block_size=block_size,
-        n=n,
-        num_kv_heads=num_kv_heads,
-        row_dtype=row_dtype,
-    )
+def test_gather_layouts_and_ragged(layout_case, kind, block_size, n, num_kv_heads, row_dtype):
+    p = layout_case(kind, block_size, n, num_kv_heads, row_dtype=row_dtype)
     out = gather_kv(p.cache, p.layout, p.row, p.n, backend="triton")
     ref = gather_kv(p.cache, p.layout, p.row, p.n, backend="torch")
     _check(p, out, ref, p.dense())

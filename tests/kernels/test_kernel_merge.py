@@ -98,16 +98,9 @@ def test_merge_dtype_head_size(paged, store_tol, dtype, head_size):
     ],
 )
 def test_merge_layouts_ragged(
-    paged, store_tol, kind, num_kv_heads, block_size, n, kept_count, mode
+    layout_case, store_tol, kind, num_kv_heads, block_size, n, kept_count, mode
 ):
-    p = paged(
-        kind=kind,
-        dtype=torch.bfloat16,
-        head_size=80,
-        block_size=block_size,
-        n=n,
-        num_kv_heads=num_kv_heads,
-    )
+    p = layout_case(kind, block_size, n, num_kv_heads)
     scores = torch.rand(num_kv_heads, n) if mode == "weighted" else None
     _run(p, random_kept(num_kv_heads, n, kept_count), mode, scores, store_tol)
 

@@ -73,15 +73,8 @@ def test_window_scores_dtype_head_size(paged, dtype, head_size):
         ("nhd", 7, 128, 5, 5, True),
     ],
 )
-def test_window_scores_layouts_gqa_ragged(paged, kind, group, block_size, n, rows, window):
-    p = paged(
-        kind=kind,
-        dtype=torch.bfloat16,
-        head_size=80,
-        block_size=block_size,
-        n=n,
-        num_kv_heads=2 if group < 7 else 1,
-    )
+def test_window_scores_layouts_gqa_ragged(layout_case, kind, group, block_size, n, rows, window):
+    p = layout_case(kind, block_size, n, 2 if group < 7 else 1)
     _run(p, group=group, rows=rows, dtype=torch.bfloat16, window=window)
 
 
