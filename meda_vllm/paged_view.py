@@ -12,19 +12,25 @@ dense tensors and the core computes everything from them with plain torch.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
+from meda_vllm.compress import compress, score_rows
+from meda_vllm.config import KVPolicyConfig
 from meda_vllm.kernels import (
     PagedKVLayout,
+    compact_,
     gather_kv,
     paged_cross_modal_entropy,
     paged_merge,
     paged_window_scores,
 )
 from meda_vllm.merging import merge_weights
-from meda_vllm.types import LayerView
+from meda_vllm.modality import entropy_query_positions
+from meda_vllm.selection import rows_for_positions
+from meda_vllm.types import CompressionPlan, LayerView
 
 
 def paged_layer_view(
@@ -88,3 +94,55 @@ def paged_layer_view(
         shape=(layout.num_kv_heads, n, layout.head_size),
         merge=merge,
     )
+
+
+def plan_paged_request(
+    caches: Sequence[Tensor],
+    layouts: Sequence[PagedKVLayout],
+    row: Tensor,
+    n: int,
+    query_rows: Callable[[int], Tensor],
+    query_pos: Tensor,
+    vis: Tensor | None,
+    cfg: KVPolicyConfig,
+    *,
+    fast: bool,
+) -> CompressionPlan | None:
+    """Plan one request's compression straight from its pages (what the worker runs).
+
+    ``caches[l]``/``layouts[l]``: layer ``l``'s cache tensor and layout; ``row``: the
+    request's block-table row (covering ``n`` tokens); ``query_rows(l)``: layer ``l``'s
+    captured query rows ``[H, R, D]`` at ``query_pos [R]``
+    (``compress.required_query_positions``). One physical length for all layers
+    (``pad_to="max"``, phase 1 of docs/INTEGRATION.md). None: nothing to evict.
+    """
+    score_sel = torch.nonzero(query_pos >= n - score_rows(cfg, n)).squeeze(1)
+    entropy_sel = None
+    if fast and cfg.kv_policy == "meda" and vis is not None:
+        wanted = entropy_query_positions(n, vis, cfg.kv_window, cfg.kv_meda_visual_stride)
+        entropy_sel = rows_for_positions(query_pos, wanted.to(query_pos.device))
+
+    def get_view(layer: int) -> LayerView:
+        return paged_layer_view(
+            caches[layer],
+            layouts[layer],
+            row,
+            n,
+            query_rows(layer),
+            query_pos,
+            vis,
+            fast=fast,
+            score_sel=score_sel,
+            entropy_sel=entropy_sel,
+            entropy_causal=cfg.kv_meda_entropy_causal,
+        )
+
+    return compress(get_view, len(caches), cfg, n, pad_to="max")
+
+
+def apply_plan(
+    caches: Sequence[Tensor], layouts: Sequence[PagedKVLayout], row: Tensor, plan: CompressionPlan
+) -> None:
+    """Compact every layer in place: its kept (or merged) tokens move to slots ``[0, P)``."""
+    for layer, lp in enumerate(plan.layers):
+        compact_(caches[layer], layouts[layer], row, lp.kept, lp.keys, lp.values)

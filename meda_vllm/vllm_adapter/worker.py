@@ -21,14 +21,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from meda_vllm.compress import compress, required_query_positions, score_rows
+from meda_vllm.compress import required_query_positions
 from meda_vllm.config import KVPolicyConfig
-from meda_vllm.kernels import compact_, resolve_backend
+from meda_vllm.kernels import resolve_backend
 from meda_vllm.kernels.layout import PagedKVLayout
-from meda_vllm.modality import entropy_query_positions, modality_mask
-from meda_vllm.paged_view import paged_layer_view
-from meda_vllm.selection import rows_for_positions
-from meda_vllm.types import LayerView
+from meda_vllm.modality import modality_mask
+from meda_vllm.paged_view import apply_plan, plan_paged_request
 from meda_vllm.vllm_adapter import capture, metrics, settings
 from meda_vllm.vllm_adapter.log import logger
 from meda_vllm.vllm_adapter.scheduler import ARM_ATTR, RESULT_ATTR, cdiv
@@ -187,30 +185,19 @@ class WorkerCompression:
         query_pos = cap.positions.to(device)
         vis = info.vis.to(device) if info.vis is not None else None
         fast = self.use_paged_kernels(device)
-        score_pos = n - score_rows(cfg, n)
-        score_sel = torch.nonzero(query_pos >= score_pos).squeeze(1)
-        entropy_sel = None
-        if fast and cfg.kv_policy == "meda" and vis is not None:
-            wanted = entropy_query_positions(n, vis, cfg.kv_window, cfg.kv_meda_visual_stride)
-            entropy_sel = rows_for_positions(query_pos, wanted.to(device))
-
-        def get_view(layer: int) -> LayerView:
-            return paged_layer_view(
-                self.cache(layer),
-                self.layouts[layer],
+        caches = [self.cache(layer) for layer in range(len(self.layer_names))]
+        try:
+            plan = plan_paged_request(
+                caches,
+                self.layouts,
                 row,
                 n,
-                cap.rows[layer].to(device).transpose(0, 1),  # [H, R, D]
+                lambda layer: cap.rows[layer].to(device).transpose(0, 1),  # [H, R, D]
                 query_pos,
                 vis,
+                cfg,
                 fast=fast,
-                score_sel=score_sel,
-                entropy_sel=entropy_sel,
-                entropy_causal=cfg.kv_meda_entropy_causal,
             )
-
-        try:
-            plan = compress(get_view, len(self.layer_names), cfg, n, pad_to="max")
         except Exception:  # noqa: BLE001 - planning only reads the cache: serve uncompressed
             logger.exception("meda-vllm: %s: compression failed; serving it uncompressed", rid)
             metrics.on_skip("error", self.runner.vllm_config)
@@ -219,8 +206,7 @@ class WorkerCompression:
             metrics.on_skip("nothing_to_evict", self.runner.vllm_config)
             return
         kept = plan.kept_tokens
-        for layer, lp in enumerate(plan.layers):
-            compact_(self.cache(layer), self.layouts[layer], row, lp.kept, lp.keys, lp.values)
+        apply_plan(caches, self.layouts, row, plan)
         truncate(cdiv(kept, self.block_size))
         self.removed[rid] = n - kept
         self.results[rid] = (n, kept)

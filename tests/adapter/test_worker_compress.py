@@ -81,7 +81,7 @@ def test_a_failing_plan_leaves_everything_as_it_was(monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("injected")
 
-    monkeypatch.setattr(worker, "compress", boom)
+    monkeypatch.setattr(worker, "plan_paged_request", boom)
     cut: list[int] = []
     state.compress_request("r", cfg.model_dump(), list(row_ids), cut.append)
     assert cut == [] and "r" not in state.results and "r" not in state.removed
