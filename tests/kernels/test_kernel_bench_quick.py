@@ -52,3 +52,30 @@ def test_roofline_mode_needs_no_gpu():
     # LLaVA (MHA, 32 KV heads): the all-pairs merge match costs more than everything else
     llava = [float(c.split()[0]) for c in rows[0][3:7]]
     assert llava[2] > llava[0] + llava[1] + llava[3]
+
+
+STEP_SCRIPT = SCRIPT.parent / "bench_step.py"
+
+
+def test_bench_step_quick_through_the_interpreted_kernels(tmp_path):
+    """The whole-step benchmark runs the worker's planning + compaction (Triton kernels in
+    the interpreter, as MEDA_KERNELS=triton makes the GPU path run on CPU)."""
+    env = dict(os.environ, OUT=str(tmp_path), TRITON_INTERPRET="1", MEDA_KERNELS="triton")
+    proc = subprocess.run(
+        [sys.executable, str(STEP_SCRIPT), "--quick", "--policies", "meda,snapkv"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / "bench_step.json").read_text())
+    assert report["env"]["kernels"] == "triton"
+    rows = {r["policy"]: r for r in report["results"]}
+    assert set(rows) == {"meda", "snapkv"}
+    for r in rows.values():
+        assert 0 < r["kept"] < r["n"] and r["step_ms"] > 0 and r["prefill_ms"] > 0
+        assert r["step_ms"] == r["plan_ms"] + r["compact_ms"]
+    assert sum(rows["meda"]["budgets"]) == 2 * 60  # two layers, 0.2 * 300 tokens each
+    assert "step / prefill" in (tmp_path / "bench_step.md").read_text()

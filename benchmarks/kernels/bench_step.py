@@ -1,0 +1,221 @@
+#!/usr/bin/env python
+"""The whole compression step of one request, as the server runs it, vs its prefill.
+
+What ``bench_kernels.py`` cannot show: the step the worker really runs after the last
+prefill chunk — ``meda_vllm.paged_view.plan_paged_request`` (every layer: paged window
+scores, MEDA's entropy, the policy's budgets and selection in torch, paged merging) and
+``apply_plan`` (in-place compaction) — with its Python work, kernel launches and host
+synchronisations, for a whole model (all layers), timed by the wall clock. The baseline,
+measured in the same process, is the prefill of the same layers: QKV projection, causal
+attention (SDPA), output projection and the gated MLP, in bf16.
+
+    python benchmarks/kernels/bench_step.py                 # GPU: writes $OUT/bench_step.*
+    python benchmarks/kernels/bench_step.py --quick         # CPU smoke test (tiny model)
+
+Needs torch, triton, pydantic and this checkout (``meda_vllm`` importable, e.g. installed
+with ``pip install -e .`` or on ``PYTHONPATH`` with ``kernels/`` as ``meda_vllm/kernels``;
+``benchmarks/kernels/gpu_session.sh`` sets that up). No vLLM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from meda_vllm.compress import required_query_positions
+from meda_vllm.config import KVPolicyConfig
+from meda_vllm.kernels import PagedKVLayout
+from meda_vllm.paged_view import apply_plan, plan_paged_request
+
+# name: (layers, query heads, kv heads, head size, hidden, MLP intermediate)
+MODELS = {
+    "llava-1.5-7b": (32, 32, 32, 128, 4096, 11008),
+    "qwen2-vl-7b": (28, 28, 4, 128, 3584, 18944),
+}
+QUICK_MODELS = {"tiny-gqa": (2, 4, 2, 32, 128, 256)}
+BLOCK_SIZE = 16
+BUDGET = 0.2
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def wall_ms(fn, device, reps: int, warmup: int = 1) -> float:
+    """Median wall time of ``fn()`` over ``reps`` runs (device synchronised around each)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def build_request(model, n, device, dtype, seed=0):
+    layers, h, h_kv, d, _, _ = model
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    dev_gen = torch.Generator(device=device).manual_seed(seed)
+    used = -(-n // BLOCK_SIZE)
+    nb = used + 8
+    caches = []
+    for _ in range(layers):
+        shape = (nb, BLOCK_SIZE, h_kv, 2 * d)
+        phys = torch.randn(shape, generator=dev_gen, device=device, dtype=dtype)
+        caches.append(phys.permute(0, 2, 1, 3))  # NHD physical order, as on GPU
+    layouts = [PagedKVLayout.from_logical(c) for c in caches]
+    row = torch.randperm(nb, generator=gen)[:used].to(torch.int32).to(device)
+    vis = torch.zeros(n, dtype=torch.bool)
+    vis[int(0.05 * n) : int(0.9 * n)] = True  # one image/video span, text around it
+    return caches, layouts, row, vis.to(device)
+
+
+def prefill_ms(model, n, device, dtype, reps):
+    """One decoder layer's prefill (projections, causal SDPA, gated MLP) times the layers."""
+    layers, h, h_kv, d, hidden, ffn = model
+    x = torch.randn(n, hidden, device=device, dtype=dtype)
+    w_qkv = torch.randn(hidden, (h + 2 * h_kv) * d, device=device, dtype=dtype) * 0.02
+    w_o = torch.randn(h * d, hidden, device=device, dtype=dtype) * 0.02
+    w_up = torch.randn(hidden, 2 * ffn, device=device, dtype=dtype) * 0.02
+    w_down = torch.randn(ffn, hidden, device=device, dtype=dtype) * 0.02
+
+    def layer():
+        qkv = x @ w_qkv
+        q, k, v = qkv.split([h * d, h_kv * d, h_kv * d], dim=-1)
+        q = q.view(n, h, d).transpose(0, 1)[None]
+        k = k.view(n, h_kv, d).transpose(0, 1)[None]
+        v = v.view(n, h_kv, d).transpose(0, 1)[None]
+        attn = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, is_causal=True, enable_gqa=h != h_kv
+        )
+        y = x + attn[0].transpose(0, 1).reshape(n, h * d) @ w_o
+        gate, up = (y @ w_up).chunk(2, dim=-1)
+        return y + (torch.nn.functional.silu(gate) * up) @ w_down
+
+    return wall_ms(layer, device, reps) * layers
+
+
+def step(model, n, policy, device, dtype, reps):
+    layers, h, _, d, _, _ = model
+    caches, layouts, row, vis = build_request(model, n, device, dtype)
+    cfg = KVPolicyConfig.from_mapping({"kv_policy": policy, "kv_budget": BUDGET})
+    pos = required_query_positions(cfg, n, vis.cpu()).to(device)
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    rows = [
+        (torch.randn(h, pos.numel(), d, generator=gen) * 2).to(dtype).to(device)
+        for _ in range(layers)
+    ]
+    plans = [None]
+
+    def plan():
+        plans[0] = None  # keep one plan alive (merged K/V of every layer)
+        plans[0] = plan_paged_request(
+            caches, layouts, row, n, rows.__getitem__, pos, vis, cfg, fast=True
+        )
+
+    def compact():
+        if plans[0] is not None:
+            apply_plan(caches, layouts, row, plans[0])
+
+    plan_ms = wall_ms(plan, device, reps)
+    compact_ms = wall_ms(compact, device, reps)  # idempotent enough: same shapes each time
+    last = plans[0]
+    return dict(
+        plan_ms=plan_ms,
+        compact_ms=compact_ms,
+        step_ms=plan_ms + compact_ms,
+        kept=last.kept_tokens if last is not None else n,
+        budgets=list(last.layer_budgets) if last is not None else None,
+    )
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny CPU smoke run")
+    ap.add_argument("--sizes", type=str, default=None, help="comma-separated N values")
+    ap.add_argument("--policies", type=str, default="meda,snapkv,pyramidkv,madakv")
+    ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--out", type=str, default=os.environ.get("OUT", "./bench_out"))
+    args = ap.parse_args(argv)
+    if args.quick:
+        device, models, sizes, reps = torch.device("cpu"), QUICK_MODELS, [300], 2
+        dtype = torch.float32
+    else:
+        if not torch.cuda.is_available():
+            print("no CUDA device: use --quick for the CPU smoke run", file=sys.stderr)
+            return 2
+        device, models, sizes, reps = torch.device("cuda"), MODELS, [2048, 8192, 32768], 5
+        dtype = torch.bfloat16
+    sizes = [int(x) for x in args.sizes.split(",")] if args.sizes else sizes
+    reps = args.reps or reps
+    policies = [p for p in args.policies.split(",") if p]
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    env = dict(
+        device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine(),
+        torch=torch.__version__,
+        dtype=str(dtype),
+        budget=BUDGET,
+        block_size=BLOCK_SIZE,
+        kernels=os.environ.get("MEDA_KERNELS", "auto"),
+    )
+    print(f"device {env['device']} | torch {env['torch']} | {dtype} | budget {BUDGET}")
+    results = []
+    started = time.time()
+    for n in sizes:
+        for name, model in models.items():
+            base = prefill_ms(model, n, device, dtype, reps)
+            print(f"\n== {name} N={n}: prefill of {model[0]} layers {base:9.2f} ms")
+            for policy in policies:
+                r = step(model, n, policy, device, dtype, reps)
+                r.update(model=name, n=n, policy=policy, prefill_ms=base)
+                r["step_over_prefill"] = r["step_ms"] / base
+                results.append(r)
+                print(
+                    f"{policy:10s} plan {r['plan_ms']:8.2f} ms + compact {r['compact_ms']:7.2f} ms"
+                    f" = {r['step_ms']:8.2f} ms = {r['step_over_prefill']:6.2%} of prefill"
+                    f" (kept {r['kept']} of {n})"
+                )
+                report = dict(env=env, results=results, wall_s=time.time() - started)
+                (out_dir / "bench_step.json").write_text(json.dumps(report, indent=2))
+                (out_dir / "bench_step.md").write_text(markdown(report))
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+    print(f"\nwrote {out_dir / 'bench_step.json'} and .md in {time.time() - started:.1f} s")
+    return 0
+
+
+def markdown(report) -> str:
+    env = report["env"]
+    lines = [
+        f"# Compression step vs prefill ({env['device']}, torch {env['torch']}, {env['dtype']})",
+        "",
+        f"Budget {env['budget']}, block size {env['block_size']}; wall clock, median of runs; "
+        "prefill = projections + causal SDPA + gated MLP of every layer, same process.",
+        "",
+        "| model | N | policy | plan (ms) | compact (ms) | step (ms) | prefill (ms) | "
+        "step / prefill | kept |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["results"]:
+        lines.append(
+            f"| {r['model']} | {r['n']} | {r['policy']} | {r['plan_ms']:.2f} | "
+            f"{r['compact_ms']:.2f} | {r['step_ms']:.2f} | {r['prefill_ms']:.2f} | "
+            f"{r['step_over_prefill']:.2%} | {r['kept']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
