@@ -66,7 +66,7 @@ def paged_layer_view(
         sel = sel.to(query_pos.device)
         return paged_window_scores(queries[:, sel], query_pos[sel], cache, layout, row, n)
 
-    def entropy() -> float:
+    def entropy() -> Tensor:  # 0-d: MEDA reads all layers' values with one host copy
         e = paged_cross_modal_entropy(
             queries[:, entropy_sel],
             query_pos[entropy_sel],
@@ -77,7 +77,7 @@ def paged_layer_view(
             vis,
             causal=entropy_causal,
         )
-        return float(e.sum())
+        return e.sum()
 
     def merge(kept: Tensor, mode: str, weights: Tensor | None):
         w = merge_weights(weights) if mode == "weighted" else None

@@ -33,7 +33,8 @@ class LayerView:
     ``window_scores``: ``[H_kv, N]`` fp32, sum over the score rows (the last
     ``compress.score_rows(cfg, N)`` prompt queries: ``kv_window`` for every policy but H2O,
     ``min(N, kv_h2o_max_queries)`` for H2O) of the causal softmax, mean over the GQA group,
-    before pooling. ``entropy``: MEDA cross-modal entropy of this layer.
+    before pooling. ``entropy``: MEDA cross-modal entropy of this layer (a float, or a 0-d
+    tensor that MEDA copies to the host together with the other layers').
     ``merge``: a :data:`Merger` that merges straight from the engine's cache (used instead
     of ``merging.merge_evicted`` on ``keys``/``values``).
 
@@ -51,7 +52,7 @@ class LayerView:
     vis: Tensor | None = None
     scale: float | None = None
     window_scores: Tensor | Callable[[], Tensor] | None = None
-    entropy: float | Callable[[], float] | None = None
+    entropy: float | Tensor | Callable[[], float | Tensor] | None = None
     shape: tuple[int, int, int] | None = None
     merge: Merger | None = None
 
