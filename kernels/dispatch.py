@@ -164,13 +164,15 @@ def env_tiles(var: str) -> tuple[int, int, int] | None:
 def dot_tiles(rows: int, dot_fp32: bool, device: torch.device) -> tuple[int, int, int]:
     """``(BLOCK_R, BLOCK_N, num_warps)`` of the kernels that ``tl.dot`` query rows with keys.
 
-    GPU: ``[64, 64]`` score tiles with 8 warps for fp16/bf16 operands (with 4 warps the
-    entropy kernel spills on sm_80); fp32 operands
-    (``input_precision="ieee"``: an FMA loop, not tensor cores) take ``[16, 64]`` tiles
-    with 8 warps, the largest that ``compile_check`` compiles without register spills at
-    head size 128 (``[64, 64]`` spills 16 KB per thread even with 8 warps). Interpreter:
-    big tiles (fewer Python-level iterations). ``$MEDA_DOT_TILES="R,N,W"`` overrides the
-    GPU choice (tuning runs, ``benchmarks/kernels/bench_kernels.py --tune``).
+    GPU, fp16/bf16 operands: up to 128 rows (all of a Qwen2-VL KV head's 7 x 32 window
+    rows in two tiles, so each key tile is read twice rather than four times) by 32 keys,
+    8 warps (4 under 64 rows). fp32 operands (``input_precision="ieee"``: an FMA loop, not
+    tensor cores): ``[16, 64]`` with 8 warps. These are the tiles that ``compile_check``
+    compiles without register spills for sm_90a and sm_80 with both Triton 3.9 (here) and
+    3.6 (the GPU machines' version); e.g. ``[64, 64]`` x 4 warps spilled 16-32 KB in fp32
+    and ``[64, 64]`` x 8 warps spilled the bf16 entropy kernel on sm_80 with Triton 3.6.
+    Interpreter: big tiles (fewer Python-level iterations). ``$MEDA_DOT_TILES="R,N,W"``
+    overrides the GPU choice (tuning runs, ``benchmarks/kernels/bench_kernels.py --tune``).
     """
     if is_interpreted(device):
         return min(256, max(16, triton.next_power_of_2(rows))), 128, 4
@@ -179,7 +181,8 @@ def dot_tiles(rows: int, dot_fp32: bool, device: torch.device) -> tuple[int, int
         return override
     if dot_fp32:
         return 16, 64, 8
-    return min(64, max(16, triton.next_power_of_2(rows))), 64, 8
+    block_r = min(128, max(16, triton.next_power_of_2(rows)))
+    return block_r, 32, 8 if block_r >= 64 else 4
 
 
 def dot_in_fp32(a: torch.dtype, b: torch.dtype, device: torch.device) -> bool:

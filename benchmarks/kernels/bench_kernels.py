@@ -307,11 +307,11 @@ def gemm_tflops(device, dtype, timer, quick: bool) -> float:
 
 STEP_OPS = ("window_scores", "pool", "entropy", "topk", "merge", "compact")
 # MEDA_DOT_TILES (window scores + entropy) and MEDA_MATCH_TILES (merge) candidates for
-# --tune: all compile without spills for sm_90a and sm_80 (python -m
-# meda_vllm.kernels.compile_check with the variable set).
+# --tune: each compiles without register spills for sm_90a with Triton 3.6 and 3.9
+# (scripts/compile-check-triton.sh with the variable set); the first is the default.
 TUNE = {
-    "MEDA_DOT_TILES": ["64,64,8", "64,64,4", "32,64,4", "128,32,8", "128,64,8", "256,32,8"],
-    "MEDA_MATCH_TILES": ["64,64,4", "64,64,8", "128,64,8", "64,128,8", "32,64,4"],
+    "MEDA_DOT_TILES": ["128,32,8", "64,64,8", "64,32,8", "128,64,8", "256,32,8"],
+    "MEDA_MATCH_TILES": ["64,64,4", "64,64,8", "128,64,8", "64,128,8", "32,64,4", "128,32,8"],
 }
 TUNE_OPS = {"MEDA_DOT_TILES": ("window_scores", "entropy"), "MEDA_MATCH_TILES": ("merge",)}
 
