@@ -25,6 +25,7 @@ import os
 import platform
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -137,7 +138,39 @@ def step(model, n, policy, device, dtype, reps):
         step_ms=plan_ms + compact_ms,
         kept=last.kept_tokens if last is not None else n,
         budgets=list(last.layer_budgets) if last is not None else None,
+        **gpu_activity(lambda: (plan(), compact()), device),
     )
+
+
+def gpu_activity(fn, device) -> dict:
+    """Where a step's wall time can go besides the kernels themselves: the number of GPU
+    activities (kernels, copies, memsets; torch profiler) and of host synchronisations
+    (``torch.cuda.set_sync_debug_mode``) in one untimed run. Empty off CUDA."""
+    if device.type != "cuda":
+        return {}
+    out = {}
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                fn()
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        out["host_syncs"] = sum("synchroniz" in str(w.message).lower() for w in caught)
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            sync(device)
+        out["gpu_activities"] = sum(
+            1
+            for e in prof.events()
+            if getattr(e, "device_type", None) is not None and str(e.device_type).endswith("CUDA")
+        )
+    except Exception as exc:  # noqa: BLE001 - diagnostics only, never fail the benchmark
+        out["activity_error"] = f"{type(exc).__name__}: {exc}"
+    return out
 
 
 def main(argv=None) -> int:
@@ -182,10 +215,15 @@ def main(argv=None) -> int:
                 r.update(model=name, n=n, policy=policy, prefill_ms=base)
                 r["step_over_prefill"] = r["step_ms"] / base
                 results.append(r)
+                activity = (
+                    f", {r['gpu_activities']} GPU activities, {r['host_syncs']} host syncs"
+                    if "gpu_activities" in r
+                    else ""
+                )
                 print(
                     f"{policy:10s} plan {r['plan_ms']:8.2f} ms + compact {r['compact_ms']:7.2f} ms"
                     f" = {r['step_ms']:8.2f} ms = {r['step_over_prefill']:6.2%} of prefill"
-                    f" (kept {r['kept']} of {n})"
+                    f" (kept {r['kept']} of {n}{activity})"
                 )
                 report = dict(env=env, results=results, wall_s=time.time() - started)
                 (out_dir / "bench_step.json").write_text(json.dumps(report, indent=2))
@@ -205,14 +243,15 @@ def markdown(report) -> str:
         "prefill = projections + causal SDPA + gated MLP of every layer, same process.",
         "",
         "| model | N | policy | plan (ms) | compact (ms) | step (ms) | prefill (ms) | "
-        "step / prefill | kept |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "step / prefill | kept | GPU activities | host syncs |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["results"]:
         lines.append(
             f"| {r['model']} | {r['n']} | {r['policy']} | {r['plan_ms']:.2f} | "
             f"{r['compact_ms']:.2f} | {r['step_ms']:.2f} | {r['prefill_ms']:.2f} | "
-            f"{r['step_over_prefill']:.2%} | {r['kept']} |"
+            f"{r['step_over_prefill']:.2%} | {r['kept']} | {r.get('gpu_activities', '')} | "
+            f"{r.get('host_syncs', '')} |"
         )
     return "\n".join(lines) + "\n"
 
