@@ -32,8 +32,8 @@ import torch
 
 from meda_vllm.compress import required_query_positions
 from meda_vllm.config import KVPolicyConfig
-from meda_vllm.kernels import PagedKVLayout
 from meda_vllm.paged_view import apply_plan, plan_paged_request
+from meda_vllm.testing.paged import paged_request
 
 # name: (layers, query heads, kv heads, head size, hidden, MLP intermediate)
 MODELS = {
@@ -64,24 +64,6 @@ def wall_ms(fn, device, reps: int, warmup: int = 1) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def build_request(model, n, device, dtype, seed=0):
-    layers, h, h_kv, d, _, _ = model
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    dev_gen = torch.Generator(device=device).manual_seed(seed)
-    used = -(-n // BLOCK_SIZE)
-    nb = used + 8
-    caches = []
-    for _ in range(layers):
-        shape = (nb, BLOCK_SIZE, h_kv, 2 * d)
-        phys = torch.randn(shape, generator=dev_gen, device=device, dtype=dtype)
-        caches.append(phys.permute(0, 2, 1, 3))  # NHD physical order, as on GPU
-    layouts = [PagedKVLayout.from_logical(c) for c in caches]
-    row = torch.randperm(nb, generator=gen)[:used].to(torch.int32).to(device)
-    vis = torch.zeros(n, dtype=torch.bool)
-    vis[int(0.05 * n) : int(0.9 * n)] = True  # one image/video span, text around it
-    return caches, layouts, row, vis.to(device)
-
-
 def prefill_ms(model, n, device, dtype, reps):
     """One decoder layer's prefill (projections, causal SDPA, gated MLP) times the layers."""
     layers, h, h_kv, d, hidden, ffn = model
@@ -108,15 +90,12 @@ def prefill_ms(model, n, device, dtype, reps):
 
 
 def step(model, n, policy, device, dtype, reps):
-    layers, h, _, d, _, _ = model
-    caches, layouts, row, vis = build_request(model, n, device, dtype)
+    layers, h, h_kv, d, _, _ = model
+    req = paged_request(n, layers, h_kv, d, BLOCK_SIZE, dtype=dtype, device=device)
+    caches, layouts, row, vis = req.caches, req.layouts, req.row, req.vis
     cfg = KVPolicyConfig.from_mapping({"kv_policy": policy, "kv_budget": BUDGET})
     pos = required_query_positions(cfg, n, vis.cpu()).to(device)
-    gen = torch.Generator(device="cpu").manual_seed(1)
-    rows = [
-        (torch.randn(h, pos.numel(), d, generator=gen) * 2).to(dtype).to(device)
-        for _ in range(layers)
-    ]
+    rows = req.query_rows(h, pos)
     plans = [None]
 
     def plan():

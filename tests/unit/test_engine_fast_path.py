@@ -11,31 +11,10 @@ import torch
 from meda_vllm import paged_view
 from meda_vllm.compress import compress, required_query_positions, score_rows
 from meda_vllm.config import KVPolicyConfig
-from meda_vllm.kernels import PagedKVLayout
 from meda_vllm.modality import entropy_query_positions
 from meda_vllm.selection import rows_for_positions
+from meda_vllm.testing.paged import paged_request
 from meda_vllm.types import LayerView
-
-
-def _paged_request(n: int, layers: int, h: int, h_kv: int, d: int, bs: int, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    layout = PagedKVLayout.cpu_vec(h_kv, bs, d)
-    nb = -(-n // bs) + 3
-    row = torch.randperm(nb, generator=g)[: -(-n // bs)].to(torch.int32)
-    caches, queries = [], []
-    for _ in range(layers):
-        cache = torch.zeros(nb, h_kv, bs, 2 * d)
-        k, v = layout.k_view(cache), layout.v_view(cache)
-        keys = torch.randn(h_kv, n, d, generator=g) * 2
-        vals = torch.randn(h_kv, n, d, generator=g)
-        for i in range(n):
-            k[row[i // bs], :, i % bs] = keys[:, i]
-            v[row[i // bs], :, i % bs] = vals[:, i]
-        caches.append(cache)
-        queries.append(torch.randn(h, n, d, generator=g) * 2)
-    vis = torch.zeros(n, dtype=torch.bool)
-    vis[n // 8 : n // 8 + n // 2] = True
-    return layout, row, caches, queries, vis
 
 
 @pytest.mark.parametrize("policy", ["snapkv", "pyramidkv", "meda", "madakv", "h2o", "lookm"])
@@ -43,7 +22,8 @@ def test_paged_overrides_give_the_core_plan(policy, monkeypatch):
     """``paged_layer_view(fast=True)`` (the worker's GPU path: lazy scores, entropy and
     merging from the paged ops, no dense K/V) plans exactly what the dense path plans."""
     n, layers, h, h_kv, d, bs = 300, 3, 4, 2, 16, 32
-    layout, row, caches, queries, vis = _paged_request(n, layers, h, h_kv, d, bs, seed=7)
+    req = paged_request(n, layers, h_kv, d, bs, layout="cpu_vec", seed=7)
+    layout, row, caches, vis = req.layouts[0], req.row, req.caches, req.vis
     cfg = KVPolicyConfig.from_mapping({"kv_policy": policy, "kv_budget": 0.25, "kv_window": 16})
     if policy == "lookm":
         cfg = cfg.merged({"kv_merge": "weighted"})
@@ -59,8 +39,10 @@ def test_paged_overrides_give_the_core_plan(policy, monkeypatch):
         paged_view, "gather_kv", lambda *a, **k: gathers.append(1) or real_gather(*a, **k)
     )
 
+    queries = req.query_rows(h, pos)
+
     def view(layer: int, fast: bool) -> LayerView:
-        q = queries[layer][:, pos]
+        q = queries[layer]
         return paged_view.paged_layer_view(
             caches[layer], layout, row, n, q, pos, vis, fast=fast,
             score_sel=score_sel, entropy_sel=ent_sel,
