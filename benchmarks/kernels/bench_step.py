@@ -122,9 +122,10 @@ def step(model, n, policy, device, dtype, reps):
 
 
 def gpu_activity(fn, device) -> dict:
-    """Where a step's wall time can go besides the kernels themselves: the number of GPU
-    activities (kernels, copies, memsets; torch profiler) and of host synchronisations
-    (``torch.cuda.set_sync_debug_mode``) in one untimed run. Empty off CUDA."""
+    """Where a step's wall time goes besides the kernels themselves: the number of GPU
+    activities (kernels, copies, memsets; torch profiler) and the time the GPU spent in
+    them, and the host synchronisations (``torch.cuda.set_sync_debug_mode``), in one
+    untimed run. Empty off CUDA."""
     if device.type != "cuda":
         return {}
     out = {}
@@ -142,14 +143,69 @@ def gpu_activity(fn, device) -> dict:
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             fn()
             sync(device)
-        out["gpu_activities"] = sum(
-            1
-            for e in prof.events()
-            if getattr(e, "device_type", None) is not None and str(e.device_type).endswith("CUDA")
-        )
+        on_gpu = [e for e in prof.events() if str(getattr(e, "device_type", "")).endswith("CUDA")]
+        out["gpu_activities"] = len(on_gpu)
+        # time the GPU spent executing (the rest of the wall time is launches and Python)
+        out["gpu_busy_ms"] = sum(e.time_range.elapsed_us() for e in on_gpu) / 1e3
     except Exception as exc:  # noqa: BLE001 - diagnostics only, never fail the benchmark
         out["activity_error"] = f"{type(exc).__name__}: {exc}"
     return out
+
+
+# aten ops that launch nothing on a GPU (views, metadata) or that run only for CPU tensors
+# (the kernels' value checks: block ids / positions in range, via min/max + item)
+NO_LAUNCH = {
+    "aten.slice", "aten.view", "aten.unsqueeze", "aten.squeeze", "aten.expand",
+    "aten.permute", "aten.as_strided", "aten.alias", "aten.select", "aten.lift_fresh",
+    "aten._local_scalar_dense", "aten.t", "aten.transpose", "aten.detach",
+    "aten._unsafe_view", "aten.reshape", "aten.min", "aten.max",
+}  # fmt: skip
+
+
+def count_launches(model, n, policy) -> dict:
+    """Kernel launches per layer of the step as the GPU path would make them, counted on
+    CPU: Triton launches recorded in their GPU configuration
+    (``dispatch.recording_launches``) and the torch ops that would launch a kernel (a
+    ``TorchDispatchMode``; an upper bound: some are CPU-only checks or allocations)."""
+    import collections
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from meda_vllm.kernels import dispatch
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops[str(func.overloadpacket)] += 1
+            return func(*args, **(kwargs or {}))
+
+    layers, h, h_kv, d, _, _ = model
+    req = paged_request(n, layers, h_kv, d, BLOCK_SIZE, dtype=torch.bfloat16)
+    cfg = KVPolicyConfig.from_mapping({"kv_policy": policy, "kv_budget": BUDGET})
+    pos = required_query_positions(cfg, n, req.vis)
+    rows = req.query_rows(h, pos)
+    previous = os.environ.get("MEDA_KERNELS")
+    os.environ["MEDA_KERNELS"] = "triton"
+    empty, empty_like = torch.empty, torch.empty_like  # recorded launches write nothing
+    torch.empty = lambda *a, **k: torch.zeros(*a, **k)
+    torch.empty_like = lambda *a, **k: torch.zeros_like(*a, **k)
+    try:
+        with Count() as count, dispatch.recording_launches() as launches:
+            plan = plan_paged_request(
+                req.caches, req.layouts, req.row, n, rows.__getitem__, pos, req.vis, cfg, fast=True
+            )
+            apply_plan(req.caches, req.layouts, req.row, plan)
+    finally:
+        torch.empty, torch.empty_like = empty, empty_like
+        if previous is None:
+            os.environ.pop("MEDA_KERNELS")
+        else:
+            os.environ["MEDA_KERNELS"] = previous
+    torch_ops = sum(v for k, v in count.ops.items() if k not in NO_LAUNCH)
+    return dict(triton_per_layer=len(launches) / layers, torch_ops_per_layer=torch_ops / layers)
 
 
 def main(argv=None) -> int:
@@ -159,7 +215,24 @@ def main(argv=None) -> int:
     ap.add_argument("--policies", type=str, default="meda,snapkv,pyramidkv,madakv")
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--out", type=str, default=os.environ.get("OUT", "./bench_out"))
+    ap.add_argument(
+        "--count",
+        action="store_true",
+        help="count the launches per layer the GPU path makes (runs on CPU, no timing)",
+    )
     args = ap.parse_args(argv)
+    if args.count:
+        sizes = [int(x) for x in args.sizes.split(",")] if args.sizes else [2048]
+        models = QUICK_MODELS if args.quick else MODELS
+        for name, model in models.items():
+            for n in sizes:
+                for policy in [p for p in args.policies.split(",") if p]:
+                    c = count_launches(model, n, policy)
+                    print(
+                        f"{name} N={n} {policy:10s} per layer: {c['triton_per_layer']:.0f} "
+                        f"Triton launches, ~{c['torch_ops_per_layer']:.0f} torch kernel ops"
+                    )
+        return 0
     if args.quick:
         device, models, sizes, reps = torch.device("cpu"), QUICK_MODELS, [300], 2
         dtype = torch.float32
@@ -195,7 +268,8 @@ def main(argv=None) -> int:
                 r["step_over_prefill"] = r["step_ms"] / base
                 results.append(r)
                 activity = (
-                    f", {r['gpu_activities']} GPU activities, {r['host_syncs']} host syncs"
+                    f", {r['gpu_activities']} GPU activities busy {r['gpu_busy_ms']:.2f} ms,"
+                    f" {r['host_syncs']} host syncs"
                     if "gpu_activities" in r
                     else ""
                 )
@@ -222,14 +296,15 @@ def markdown(report) -> str:
         "prefill = projections + causal SDPA + gated MLP of every layer, same process.",
         "",
         "| model | N | policy | plan (ms) | compact (ms) | step (ms) | prefill (ms) | "
-        "step / prefill | kept | GPU activities | host syncs |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "step / prefill | kept | GPU activities | GPU busy (ms) | host syncs |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["results"]:
         lines.append(
             f"| {r['model']} | {r['n']} | {r['policy']} | {r['plan_ms']:.2f} | "
             f"{r['compact_ms']:.2f} | {r['step_ms']:.2f} | {r['prefill_ms']:.2f} | "
             f"{r['step_over_prefill']:.2%} | {r['kept']} | {r.get('gpu_activities', '')} | "
+            f"{format(r['gpu_busy_ms'], '.2f') if 'gpu_busy_ms' in r else ''} | "
             f"{r.get('host_syncs', '')} |"
         )
     return "\n".join(lines) + "\n"

@@ -79,3 +79,24 @@ def test_bench_step_quick_through_the_interpreted_kernels(tmp_path):
         assert r["step_ms"] == r["plan_ms"] + r["compact_ms"]
     assert sum(rows["meda"]["budgets"]) == 2 * 60  # two layers, 0.2 * 300 tokens each
     assert "step / prefill" in (tmp_path / "bench_step.md").read_text()
+
+
+def test_launch_budget_per_layer():
+    """What the GPU path launches per layer (counted on CPU): a guard against the step
+    growing launches, which at small N cost more than the kernels themselves."""
+    proc = subprocess.run(
+        [sys.executable, str(STEP_SCRIPT), "--count", "--quick", "--sizes", "300",
+         "--policies", "meda,snapkv"],
+        env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    counts = {}
+    for line in proc.stdout.splitlines():
+        words = line.split()
+        counts[words[2]] = (int(words[5]), int(words[8].lstrip("~")))
+    # scores (3) + entropy (2) + merge (gather, match, accumulate) + compact write
+    assert counts["meda"][0] == 9 and counts["meda"][1] <= 100
+    assert counts["snapkv"][0] == 5 and counts["snapkv"][1] <= 40  # scores + gather/write
