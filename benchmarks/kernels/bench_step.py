@@ -152,13 +152,14 @@ def gpu_activity(fn, device) -> dict:
     return out
 
 
-# aten ops that launch nothing on a GPU (views, metadata) or that run only for CPU tensors
-# (the kernels' value checks: block ids / positions in range, via min/max + item)
+# aten ops that launch nothing on a GPU (views, metadata, allocations) or that run only
+# for CPU tensors (the kernels' value checks: ids / positions in range, via min/max + item)
 NO_LAUNCH = {
     "aten.slice", "aten.view", "aten.unsqueeze", "aten.squeeze", "aten.expand",
     "aten.permute", "aten.as_strided", "aten.alias", "aten.select", "aten.lift_fresh",
     "aten._local_scalar_dense", "aten.t", "aten.transpose", "aten.detach",
-    "aten._unsafe_view", "aten.reshape", "aten.min", "aten.max",
+    "aten._unsafe_view", "aten.reshape", "aten.min", "aten.max", "aten.empty",
+    "aten.empty_like", "aten.empty_strided",
 }  # fmt: skip
 
 
@@ -166,7 +167,7 @@ def count_launches(model, n, policy) -> dict:
     """Kernel launches per layer of the step as the GPU path would make them, counted on
     CPU: Triton launches recorded in their GPU configuration
     (``dispatch.recording_launches``) and the torch ops that would launch a kernel (a
-    ``TorchDispatchMode``; an upper bound: some are CPU-only checks or allocations)."""
+    ``TorchDispatchMode``; an upper bound: a few are the kernels' CPU-only checks)."""
     import collections
 
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -177,9 +178,11 @@ def count_launches(model, n, policy) -> dict:
         def __init__(self):
             super().__init__()
             self.ops = collections.Counter()
+            self.paused = False
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops[str(func.overloadpacket)] += 1
+            if not self.paused:
+                self.ops[str(func.overloadpacket)] += 1
             return func(*args, **(kwargs or {}))
 
     layers, h, h_kv, d, _, _ = model
@@ -189,11 +192,23 @@ def count_launches(model, n, policy) -> dict:
     rows = req.query_rows(h, pos)
     previous = os.environ.get("MEDA_KERNELS")
     os.environ["MEDA_KERNELS"] = "triton"
-    empty, empty_like = torch.empty, torch.empty_like  # recorded launches write nothing
-    torch.empty = lambda *a, **k: torch.zeros(*a, **k)
-    torch.empty_like = lambda *a, **k: torch.zeros_like(*a, **k)
+    count = Count()
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def zeroed(make):  # recorded launches write nothing: hand out zeros, count an empty
+        def alloc(*args, **kwargs):
+            out = make(*args, **kwargs)
+            count.paused = True
+            try:
+                return out.zero_()
+            finally:
+                count.paused = False
+
+        return alloc
+
+    torch.empty, torch.empty_like = zeroed(empty), zeroed(empty_like)
     try:
-        with Count() as count, dispatch.recording_launches() as launches:
+        with count, dispatch.recording_launches() as launches:
             plan = plan_paged_request(
                 req.caches, req.layouts, req.row, n, rows.__getitem__, pos, req.vis, cfg, fast=True
             )

@@ -98,5 +98,5 @@ def test_launch_budget_per_layer():
         words = line.split()
         counts[words[2]] = (int(words[5]), int(words[8].lstrip("~")))
     # scores (3) + entropy (2) + merge (gather, match, accumulate) + compact write
-    assert counts["meda"][0] == 9 and counts["meda"][1] <= 100
-    assert counts["snapkv"][0] == 5 and counts["snapkv"][1] <= 40  # scores + gather/write
+    assert counts["meda"][0] == 9 and counts["meda"][1] <= 80
+    assert counts["snapkv"][0] == 5 and counts["snapkv"][1] <= 35  # scores + gather/write
