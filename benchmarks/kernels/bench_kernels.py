@@ -311,7 +311,7 @@ STEP_OPS = ("window_scores", "pool", "entropy", "topk", "merge", "compact")
 # (scripts/compile-check-triton.sh with the variable set); the first is the default.
 TUNE = {
     "MEDA_DOT_TILES": ["128,32,8", "64,64,8", "64,32,8", "128,64,8", "256,32,8"],
-    "MEDA_MATCH_TILES": ["64,64,4", "64,64,8", "128,64,8", "64,128,8", "32,64,4", "128,32,8"],
+    "MEDA_MATCH_TILES": ["128,64,8", "64,64,4", "64,64,8", "128,128,8", "64,128,8", "128,32,8"],
 }
 TUNE_OPS = {"MEDA_DOT_TILES": ("window_scores", "entropy"), "MEDA_MATCH_TILES": ("merge",)}
 
