@@ -238,7 +238,13 @@ def _launch(q, q_pos, cache, layout: PagedKVLayout, row, n: int, scale: float, g
     launchable(_lse_kernel, device)[(h_kv, triton.cdiv(group_rows, block_c))](
         m, l_sum, lse, group_rows, splits, BLOCK_R=block_c
     )
-    launchable(_scores_kernel, device)[(triton.cdiv(n, block_n), h_kv)](
+    # The score pass reloads every query row (from L2) for each key tile it owns: wider
+    # key tiles amortise that (Qwen2-VL: 7 x 32 rows = 57 KB of Q per tile, vs 8 KB of K
+    # in a 32-key tile); the row-statistics pass streams many key tiles per load instead.
+    # 64 keys: 2x less Q traffic than 32 and no register spills; 128 needs ~220 registers.
+    block_n_scores = block_n if dot_fp32 else max(block_n, 64)
+    geometry = {**geometry, "BLOCK_N": block_n_scores}
+    launchable(_scores_kernel, device)[(triton.cdiv(n, block_n_scores), h_kv)](
         q,
         q_pos,
         cache,
