@@ -30,7 +30,7 @@ from meda_vllm.kernels import (
 from meda_vllm.merging import merge_weights
 from meda_vllm.modality import entropy_query_positions
 from meda_vllm.selection import rows_for_positions
-from meda_vllm.types import CompressionPlan, LayerView
+from meda_vllm.types import CompressionPlan, LayerView, check_query_positions
 
 
 def paged_layer_view(
@@ -116,6 +116,7 @@ def plan_paged_request(
     (``compress.required_query_positions``). One physical length for all layers
     (``pad_to="max"``, phase 1 of docs/INTEGRATION.md). None: nothing to evict.
     """
+    check_query_positions(query_pos.cpu(), n)  # once here, not in every layer's view
     score_sel = torch.nonzero(query_pos >= n - score_rows(cfg, n)).squeeze(1)
     entropy_sel = None
     if fast and cfg.kv_policy == "meda" and vis is not None:

@@ -9,6 +9,20 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+
+def check_query_positions(query_pos: Tensor, n: int) -> None:
+    """``query_pos`` must be strictly ascending positions in ``[0, n)``.
+
+    Reads the values, so on a GPU it synchronises: ``LayerView`` runs it only for CPU
+    tensors, and the engine (``paged_view.plan_paged_request``) once per request."""
+    if query_pos.numel() and (
+        int(query_pos.min()) < 0
+        or int(query_pos.max()) >= n
+        or bool((query_pos[1:] <= query_pos[:-1]).any())
+    ):
+        raise ValueError(f"query_pos must be strictly ascending positions in [0, {n})")
+
+
 #: LayerView fields an engine may hand over as zero-argument callables (computed on first use)
 LAZY_FIELDS = ("keys", "values", "window_scores", "entropy")
 
@@ -103,12 +117,8 @@ class LayerView:
                 f"query_pos must be [R] with R={self.queries.shape[1]} "
                 f"(got {tuple(self.query_pos.shape)})"
             )
-        if self.query_pos.numel() and (
-            int(self.query_pos.min()) < 0
-            or int(self.query_pos.max()) >= n
-            or bool((self.query_pos[1:] <= self.query_pos[:-1]).any())
-        ):
-            raise ValueError(f"query_pos must be strictly ascending positions in [0, {n})")
+        if self.query_pos.device.type == "cpu":  # on a GPU: checked once per request
+            check_query_positions(self.query_pos, n)
         if self.vis is not None and (self.vis.dtype != torch.bool or self.vis.shape != (n,)):
             raise ValueError(f"vis must be a bool tensor of shape [{n}] or None")
         scores = self._raw("window_scores")

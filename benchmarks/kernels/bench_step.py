@@ -179,10 +179,14 @@ def count_launches(model, n, policy) -> dict:
             super().__init__()
             self.ops = collections.Counter()
             self.paused = False
+            self.syncs = 0
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = str(func.overloadpacket)
             if not self.paused:
-                self.ops[str(func.overloadpacket)] += 1
+                self.ops[name] += 1
+                if name in SYNCING and not _in_cpu_only_check():
+                    self.syncs += 1
             return func(*args, **(kwargs or {}))
 
     layers, h, h_kv, d, _, _ = model
@@ -220,7 +224,29 @@ def count_launches(model, n, policy) -> dict:
         else:
             os.environ["MEDA_KERNELS"] = previous
     torch_ops = sum(v for k, v in count.ops.items() if k not in NO_LAUNCH)
-    return dict(triton_per_layer=len(launches) / layers, torch_ops_per_layer=torch_ops / layers)
+    return dict(
+        triton_per_layer=len(launches) / layers,
+        torch_ops_per_layer=torch_ops / layers,
+        host_syncs=count.syncs,
+    )
+
+
+# aten ops whose result the host must wait for on a GPU
+SYNCING = {"aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten._unique2"}
+
+
+# value checks that run only for CPU tensors (kernels/layout.py, LayerView); the engine's
+# once-per-request position check copies the positions to the host first (+1 sync on GPU)
+CPU_ONLY_CHECKS = {
+    "check_cache", "check_row", "check_positions", "check_queries", "check_query_positions",
+}  # fmt: skip
+
+
+def _in_cpu_only_check() -> bool:
+    """Whether the op runs inside one of :data:`CPU_ONLY_CHECKS`."""
+    import traceback
+
+    return any(frame.name in CPU_ONLY_CHECKS for frame in traceback.extract_stack())
 
 
 def main(argv=None) -> int:
@@ -245,7 +271,8 @@ def main(argv=None) -> int:
                     c = count_launches(model, n, policy)
                     print(
                         f"{name} N={n} {policy:10s} per layer: {c['triton_per_layer']:.0f} "
-                        f"Triton launches, ~{c['torch_ops_per_layer']:.0f} torch kernel ops"
+                        f"Triton launches, ~{c['torch_ops_per_layer']:.0f} torch kernel ops;"
+                        f" per request: {c['host_syncs']} host syncs"
                     )
         return 0
     if args.quick:

@@ -65,3 +65,16 @@ def test_paged_overrides_give_the_core_plan(policy, monkeypatch):
             torch.testing.assert_close(a.keys, b.keys, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(a.values, b.values, rtol=1e-5, atol=1e-5)
     assert merged == (layers if policy in ("meda", "lookm") else 0)
+
+
+def test_plan_checks_the_query_positions_once_per_request():
+    """On a GPU the views skip value checks (each would synchronise); the plan checks the
+    positions once, on the host."""
+    req = paged_request(100, 2, 2, 16, 32, layout="cpu_vec")
+    cfg = KVPolicyConfig.from_mapping({"kv_policy": "snapkv", "kv_budget": 0.3, "kv_window": 8})
+    pos = torch.arange(92, 100).flip(0)  # descending
+    rows = req.query_rows(4, pos)
+    with pytest.raises(ValueError, match="strictly ascending"):
+        paged_view.plan_paged_request(
+            req.caches, req.layouts, req.row, 100, rows.__getitem__, pos, req.vis, cfg, fast=True
+        )
