@@ -105,7 +105,7 @@ def rank_positions(
     h_kv, n = score.shape
     device = score.device
     order = torch.arange(n - 1, -1, -1, device=device).expand(h_kv, n).contiguous()
-    if tiebreak is not None:
+    if tiebreak is not None and tiebreak is not score:  # unpooled: the same key, skip a sort
         order = _stable_desc(order, torch.nan_to_num(tiebreak.float(), nan=float("-inf")))
     order = _stable_desc(order, torch.nan_to_num(score.float(), nan=float("-inf")))
     if tier is not None:

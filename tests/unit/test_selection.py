@@ -151,3 +151,13 @@ def test_topk_with_forced_keeps_forced_and_best():
 def test_nan_scores_rank_last():
     score = torch.tensor([[float("nan"), 1.0, 0.5]])
     assert rank_positions(score).tolist() == [[1, 2, 0]]
+
+
+def test_rank_positions_skips_a_tiebreak_that_is_the_score_itself():
+    """Unpooled policies pass the raw score as both keys: one sort fewer, same order."""
+    g = torch.Generator().manual_seed(5)
+    score = torch.randint(0, 4, (3, 50), generator=g).float()  # many ties
+    tier = (torch.rand(3, 50, generator=g) > 0.8).to(torch.int64)
+    same = rank_positions(score, tiebreak=score, tier=tier)
+    assert torch.equal(same, rank_positions(score, tiebreak=score.clone(), tier=tier))
+    assert torch.equal(same, rank_positions(score, tier=tier))
