@@ -333,13 +333,21 @@ def merge_match_reference(cache, layout: PagedKVLayout, row, n, kept):
     return evicted, match
 
 
-def paged_merge_reference(cache, layout: PagedKVLayout, row, n, kept, mode="average", scores=None):
-    """Torch reference of :func:`paged_merge` (also the CPU path)."""
+def paged_merge_reference(
+    cache, layout: PagedKVLayout, row, n, kept, mode="average", scores=None, *, matched=None
+):
+    """Torch reference of :func:`paged_merge` (also the CPU path).
+
+    ``matched``: ``merge_match_reference``'s ``(evicted, match)`` for these arguments, when
+    the caller has it already (the match is the expensive part: ``E x S`` dot products).
+    """
     h_kv, num_kept = kept.shape
     x_k, x_v = gather_kv_at_reference(cache, layout, row, kept)
     if num_kept == 0 or num_kept == n:
         return x_k.clone(), x_v.clone()
-    evicted, match = merge_match_reference(cache, layout, row, n, kept)
+    if matched is None:
+        matched = merge_match_reference(cache, layout, row, n, kept)
+    evicted, match = matched
     e_k, e_v = gather_kv_at_reference(cache, layout, row, evicted)
     d = layout.head_size
     target = (match + torch.arange(h_kv, device=cache.device)[:, None] * num_kept).flatten()

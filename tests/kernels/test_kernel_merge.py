@@ -170,3 +170,18 @@ def test_merge_gpu_real_size(paged, h_kv):
         ref = paged_merge_reference(p.cache, p.layout, p.row, p.n, kept, mode, scores)
         torch.testing.assert_close(got[0], ref[0], atol=2e-2, rtol=1.6e-2)
         torch.testing.assert_close(got[1], ref[1], atol=2e-2, rtol=1.6e-2)
+
+
+def test_reference_reuses_a_given_match(layout_case):
+    """``paged_merge_reference(matched=...)`` (the benchmark computes the match once) gives
+    what it computes itself, for both modes."""
+    from meda_vllm.kernels import merge_match_reference
+
+    p = layout_case("nhd", 16, 90, 2)
+    kept = random_kept(2, 90, 20, seed=4)
+    matched = merge_match_reference(p.cache, p.layout, p.row, p.n, kept)
+    scores = torch.rand(2, 90)
+    for mode, s in (("average", None), ("weighted", scores)):
+        own = paged_merge_reference(p.cache, p.layout, p.row, p.n, kept, mode, s)
+        given = paged_merge_reference(p.cache, p.layout, p.row, p.n, kept, mode, s, matched=matched)
+        assert all(torch.equal(a, b) for a, b in zip(own, given, strict=True))
