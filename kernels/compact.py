@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .dispatch import is_interpreted, launchable, resolve_backend
+from .dispatch import copy_tile_tokens, launchable, resolve_backend
 from .gather import _launch as _gather_launch
 from .gather import gather_kv_at_reference
 from .layout import FLOAT_DTYPES, PagedKVLayout, check_cache, check_positions, check_row
@@ -89,8 +89,7 @@ def _launch_write(cache, layout: PagedKVLayout, row, src_k, src_v):
     h_kv, num_tokens, d = src_k.shape
     if num_tokens == 0:
         return
-    # GPU: 64 tokens x 128 dims of K and V in 16-bit (32 tokens in fp32: ~100 registers)
-    block_t = 256 if is_interpreted(cache.device) else 128 // cache.element_size()
+    block_t = copy_tile_tokens(cache)
     launchable(_write_kernel, cache.device)[(triton.cdiv(num_tokens, block_t), h_kv)](
         cache,
         row,

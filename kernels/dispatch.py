@@ -185,6 +185,30 @@ def dot_tiles(rows: int, dot_fp32: bool, device: torch.device) -> tuple[int, int
     return block_r, 32, 8 if block_r >= 64 else 4
 
 
+def match_tiles(dot_fp32: bool, device: torch.device) -> tuple[int, int, int]:
+    """``(BLOCK_E, BLOCK_S, num_warps)`` of the merge's match kernel (evicted x kept keys).
+
+    GPU, 16-bit: every program streams all kept keys of its head from L2, so 128 evicted
+    rows per program halve that traffic against 64 (~64 FLOP per L2 byte, about what the
+    tensor cores need). fp32 (FMA dot): ``[32, 64]``, as ``[64, 64]`` spills at head size
+    128. All spill-free with Triton 3.6/3.9 on sm_90a and sm_80 (``compile_check``).
+    ``$MEDA_MATCH_TILES="E,S,W"`` overrides the GPU choice (tuning runs).
+    """
+    if is_interpreted(device):
+        return 128, 128, 4
+    override = env_tiles("MEDA_MATCH_TILES")
+    if override:
+        return override
+    return (32, 64, 8) if dot_fp32 else (128, 64, 8)
+
+
+def copy_tile_tokens(cache: torch.Tensor) -> int:
+    """Tokens per program of the kernels that copy whole K/V rows (gather, compaction):
+    64 tokens x 128 dims of K and V in 16-bit, 32 in fp32 (~100 registers either way;
+    64 fp32 tokens took ~200)."""
+    return 256 if is_interpreted(cache.device) else 128 // cache.element_size()
+
+
 def dot_in_fp32(a: torch.dtype, b: torch.dtype, device: torch.device) -> bool:
     """Whether a kernel's ``tl.dot`` must take fp32 operands (``input_precision="ieee"``).
 

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .dispatch import is_interpreted, launchable, resolve_backend
+from .dispatch import copy_tile_tokens, launchable, resolve_backend
 from .layout import PagedKVLayout, check_cache, check_positions, check_row
 from .tiles import kv_offsets, page_slots
 
@@ -74,8 +74,7 @@ def _launch(cache, layout: PagedKVLayout, row, positions, num_tokens: int):
     has_pos = positions is not None
     if has_pos:
         positions = positions.contiguous()
-    # GPU: 64 tokens x 128 dims of K and V in 16-bit (32 tokens in fp32: ~100 registers)
-    block_t = 256 if is_interpreted(cache.device) else 128 // cache.element_size()
+    block_t = copy_tile_tokens(cache)
     grid = (triton.cdiv(num_tokens, block_t), h_kv)
     launchable(_gather_kernel, cache.device)[grid](
         cache,

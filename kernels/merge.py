@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .dispatch import dot_in_fp32, env_tiles, is_interpreted, launchable, resolve_backend
+from .dispatch import dot_in_fp32, launchable, match_tiles, resolve_backend
 from .gather import _launch as _gather_launch
 from .gather import gather_kv_at_reference
 from .layout import PagedKVLayout, check_cache, check_positions, check_row
@@ -236,17 +236,7 @@ def _launch_match(cache, layout: PagedKVLayout, row, kept_k, evicted):
     evicted = evicted.contiguous()
     inv_norm = _inverse_norms(kept_k).contiguous()
     dot_fp32 = dot_in_fp32(cache.dtype, cache.dtype, device)
-    if is_interpreted(device):
-        block_e, block_s, warps = 128, 128, 4
-    elif env_tiles("MEDA_MATCH_TILES"):  # "E,S,W": tuning runs only
-        block_e, block_s, warps = env_tiles("MEDA_MATCH_TILES")
-    elif dot_fp32:  # FMA dot: smaller tiles (64 x 64 spills at head size 128)
-        block_e, block_s, warps = 32, 64, 8
-    else:
-        # Every program streams all kept keys of its head from L2: 128 evicted rows per
-        # program halve that traffic against 64 (~64 FLOP per L2 byte, about what the
-        # tensor cores need); no spills with Triton 3.6/3.9 on sm_90a and sm_80.
-        block_e, block_s, warps = 128, 64, 8
+    block_e, block_s, warps = match_tiles(dot_fp32, device)
     launchable(_match_kernel, device)[(triton.cdiv(num_evicted, block_e), h_kv)](
         cache,
         row,

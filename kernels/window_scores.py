@@ -216,7 +216,7 @@ def _launch(q, q_pos, cache, layout: PagedKVLayout, row, n: int, scale: float, g
         BLOCK_N=block_n,
         BLOCK_D=block_d,
     )
-    k_layout = (*layout.k_args(),)
+    k_layout = layout.k_args()
     launchable(_row_stats_kernel, device)[(h_kv, splits)](
         q,
         q_pos,
