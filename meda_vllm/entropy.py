@@ -15,7 +15,6 @@ before its position, and rows that see no key of the other modality are skipped.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 
 import torch
 from torch import Tensor
@@ -137,29 +136,30 @@ def cross_modal_entropy_exact(
     return float(total.mean())
 
 
-def layer_entropies(
-    views: Iterable[LayerView], window: int, visual_stride: int, causal: bool
-) -> list[float]:
-    """:func:`layer_entropy` of every view, with one device-to-host copy for all the
-    engine's overrides (0-d tensors on the GPU) instead of one synchronisation per layer."""
-    values = [
-        view.entropy
-        if view.entropy is not None
-        else layer_entropy(view, window, visual_stride, causal)
-        for view in views
-    ]
-    tensors = [i for i, v in enumerate(values) if isinstance(v, torch.Tensor)]
+def to_host_floats(values: list[float | Tensor]) -> list[float]:
+    """Floats of ``values`` (floats and 0-d tensors), with one device-to-host copy for all
+    the tensors instead of one synchronisation each."""
+    tensors = [i for i, v in enumerate(values) if isinstance(v, Tensor)]
+    out = list(values)
     if tensors:
         host = torch.stack([values[i].reshape(()).double() for i in tensors]).tolist()
         for i, v in zip(tensors, host, strict=True):
-            values[i] = v
-    return [float(v) for v in values]
+            out[i] = v
+    return [float(v) for v in out]
 
 
 def layer_entropy(view: LayerView, window: int, visual_stride: int, causal: bool) -> float:
     """The layer's entropy: the engine's override, else the sampled estimate."""
+    return float(layer_entropy_value(view, window, visual_stride, causal))
+
+
+def layer_entropy_value(
+    view: LayerView, window: int, visual_stride: int, causal: bool
+) -> float | Tensor:
+    """:func:`layer_entropy` without reading a device value: the engine's override as
+    given (possibly a 0-d GPU tensor, see :func:`to_host_floats`), else the estimate."""
     if view.entropy is not None:
-        return float(view.entropy)
+        return view.entropy
     if view.vis is None:
         return float("nan")
     positions = entropy_query_positions(view.N, view.vis, window, visual_stride)

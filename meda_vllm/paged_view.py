@@ -116,12 +116,15 @@ def plan_paged_request(
     (``compress.required_query_positions``). One physical length for all layers
     (``pad_to="max"``, phase 1 of docs/INTEGRATION.md). None: nothing to evict.
     """
-    check_query_positions(query_pos.cpu(), n)  # once here, not in every layer's view
-    score_sel = torch.nonzero(query_pos >= n - score_rows(cfg, n)).squeeze(1)
+    # Row selections from one host copy of the positions (checked once here, not in every
+    # layer's view): on a GPU each would otherwise synchronise.
+    pos = query_pos.cpu()
+    check_query_positions(pos, n)
+    score_sel = torch.nonzero(pos >= n - score_rows(cfg, n)).squeeze(1).to(query_pos.device)
     entropy_sel = None
     if fast and cfg.kv_policy == "meda" and vis is not None:
         wanted = entropy_query_positions(n, vis, cfg.kv_window, cfg.kv_meda_visual_stride)
-        entropy_sel = rows_for_positions(query_pos, wanted.to(query_pos.device))
+        entropy_sel = rows_for_positions(pos, wanted).to(query_pos.device)
 
     def get_view(layer: int) -> LayerView:
         return paged_layer_view(

@@ -74,7 +74,7 @@ class LayerView:
         value = object.__getattribute__(self, name)
         if name in LAZY_FIELDS and callable(value):
             value = value()
-            object.__getattribute__(self, "_check_loaded")(name, value)
+            self._check_loaded(name, value)
             object.__setattr__(self, name, value)
         return value
 
@@ -131,7 +131,7 @@ class LayerView:
         if not isinstance(t, Tensor) or t.dim() != 3:
             got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
             raise ValueError(f"keys and values must both be [H_kv, N, D] (got {name} {got})")
-        want = self.shape if self.shape is not None else None
+        want = self.shape
         other = self._raw("keys" if name == "values" else "values")
         if want is None and not callable(other) and tuple(other.shape) != tuple(t.shape):
             raise ValueError(

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from meda_vllm.budgets import LayerBudgets, entropy_budgets, uniform_budgets
 from meda_vllm.config import KVPolicyConfig
-from meda_vllm.entropy import layer_entropies
+from meda_vllm.entropy import layer_entropy_value, to_host_floats
 from meda_vllm.modality import entropy_query_positions
 from meda_vllm.policies.base import GetView, Policy
 from meda_vllm.selection import recent_mask
@@ -57,17 +57,15 @@ class MEDAPolicy(Policy):
         self, get_view: GetView, num_layers: int, n: int, budget: int
     ) -> LayerBudgets:
         # Pass 1 over the layers: one entropy each. The selection pass reads the views again.
-        views: list[LayerView | None] = [None]  # the last view read (for its vis)
-
-        def each_layer():
-            for layer in range(num_layers):
-                views[0] = get_view(layer)
-                yield views[0]
-
-        entropy = layer_entropies(
-            each_layer(), self.window, self.visual_stride, self.entropy_causal
-        )
-        vis = views[0].vis if views[0] is not None else None
+        # Device values stay on the device until all layers are read: one host copy.
+        values, vis = [], None
+        for layer in range(num_layers):
+            view = get_view(layer)
+            vis = view.vis
+            values.append(
+                layer_entropy_value(view, self.window, self.visual_stride, self.entropy_causal)
+            )
+        entropy = to_host_floats(values)
         if any(math.isnan(e) for e in entropy):
             if vis is None or not bool(vis.any()):
                 reason = "text_only"

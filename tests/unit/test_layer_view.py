@@ -81,12 +81,15 @@ def test_eager_views_are_checked_as_before():
         _lazy_view({}, merge="average")
 
 
-def test_layer_entropies_reads_tensor_overrides_in_order():
+def test_layer_entropies_read_tensor_overrides_in_order():
     """MEDA's budget pass: engine overrides may be 0-d tensors (copied to the host once)."""
-    from meda_vllm.entropy import layer_entropies
+    from meda_vllm.entropy import layer_entropy_value, to_host_floats
+
+    def entropies(views):
+        return to_host_floats([layer_entropy_value(v, 4, 8, False) for v in views])
 
     values = [0.5, torch.tensor(1.25), torch.tensor([2.0]), 3]
     views = [_lazy_view({}, entropy=v) for v in values]
-    assert layer_entropies(iter(views), 4, 8, False) == [0.5, 1.25, 2.0, 3.0]
+    assert entropies(iter(views)) == [0.5, 1.25, 2.0, 3.0]
     lazy = [_lazy_view({}, entropy=lambda v=v: torch.tensor(v)) for v in (0.1, 0.2)]
-    assert layer_entropies(lazy, 4, 8, False) == pytest.approx([0.1, 0.2])
+    assert entropies(lazy) == pytest.approx([0.1, 0.2])
