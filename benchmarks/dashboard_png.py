@@ -28,13 +28,7 @@ import load  # noqa: E402  (deploy/load.py)
 import render_dashboard  # noqa: E402  (deploy/render_dashboard.py)
 
 from meda_vllm.testing.prometheus import Prometheus, free_port  # noqa: E402
-
-SERVER_ENV = {
-    "VLLM_HOST_IP": "127.0.0.1",
-    "HF_HUB_OFFLINE": "1",
-    "VLLM_NO_USAGE_STATS": "1",
-    "DO_NOT_TRACK": "1",
-}
+from meda_vllm.testing.tiny_qwen2vl import SERVE_ARGS, SERVER_ENV  # noqa: E402
 
 
 def start_server(model: Path, port: int, args: list[str], log: Path) -> subprocess.Popen:
@@ -46,15 +40,7 @@ def start_server(model: Path, port: int, args: list[str], log: Path) -> subproce
         "tiny-qwen2vl",
         "--port",
         str(port),
-        "--enforce-eager",
-        "--dtype",
-        "float32",
-        "--max-model-len",
-        "4096",
-        "--block-size",
-        "32",
-        "--limit-mm-per-prompt",
-        '{"image": 4, "video": 1}',
+        *SERVE_ARGS,
         *args,
     ]
     proc = subprocess.Popen(

@@ -19,6 +19,29 @@ import random
 import time
 from pathlib import Path
 
+#: Environment of a `vllm serve` of the tiny model on these machines: loopback only,
+#: offline (no hub lookups), no usage reporting.
+SERVER_ENV = {
+    "VLLM_HOST_IP": "127.0.0.1",
+    "HF_HUB_OFFLINE": "1",
+    "VLLM_NO_USAGE_STATS": "1",
+    "DO_NOT_TRACK": "1",
+}
+
+#: `vllm serve` flags the tiny model is served with by the tests and the dashboard run
+#: (eager CPU float32, block size 32 as CPU_ATTN needs, image/video limits of the demos).
+SERVE_ARGS = [
+    "--enforce-eager",
+    "--dtype",
+    "float32",
+    "--max-model-len",
+    "4096",
+    "--block-size",
+    "32",
+    "--limit-mm-per-prompt",
+    '{"image": 4, "video": 1}',
+]
+
 SPECIAL_TOKENS = [
     "<|endoftext|>",
     "<|im_start|>",

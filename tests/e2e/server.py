@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,32 +12,11 @@ from pathlib import Path
 
 import requests
 
-ENV = {
-    "VLLM_HOST_IP": "127.0.0.1",
-    "HF_HUB_OFFLINE": "1",
-    "VLLM_NO_USAGE_STATS": "1",
-    "DO_NOT_TRACK": "1",
-}
+from meda_vllm.testing.prometheus import free_port
+from meda_vllm.testing.tiny_qwen2vl import SERVE_ARGS, SERVER_ENV
 
-BASE_ARGS = [
-    "--enforce-eager",
-    "--dtype",
-    "float32",
-    "--max-model-len",
-    "4096",
-    "--block-size",
-    "32",
-    "--kv-cache-memory-bytes",
-    str(64 * 1024 * 1024),
-    "--limit-mm-per-prompt",
-    '{"image": 4, "video": 1}',
-]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+ENV = SERVER_ENV
+BASE_ARGS = [*SERVE_ARGS, "--kv-cache-memory-bytes", str(64 * 1024 * 1024)]
 
 
 def vllm_bin() -> str:
