@@ -41,7 +41,6 @@ import torch
 import triton
 
 from . import (
-    PagedKVLayout,
     compact_,
     gather_kv,
     paged_cross_modal_entropy,
@@ -50,6 +49,7 @@ from . import (
     pool_scores,
 )
 from .dispatch import recording_launches
+from .synthetic import paged_request
 
 # Shared memory per block an architecture grants (bytes, opt-in maximum).
 SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
@@ -101,19 +101,13 @@ class Result:
 
 # ---------------------------------------------------------------------- recording
 def _problem(case: Case):
+    n = case.n
+    req = paged_request(n, 1, case.kv_heads, case.head_size, case.block_size, dtype=case.dtype)
+    cache, layout, row, vis = req.caches[0], req.layouts[0], req.row, req.vis
     gen = torch.Generator().manual_seed(0)
-    n, bs = case.n, case.block_size
-    used = -(-n // bs)
-    nb = used + 4
-    phys = torch.randn(nb, bs, case.kv_heads, 2 * case.head_size, generator=gen)
-    cache = phys.to(case.dtype).permute(0, 2, 1, 3)  # NHD physical order, as on GPU
-    layout = PagedKVLayout.from_logical(cache)
-    row = torch.randperm(nb, generator=gen)[:used].to(torch.int32)
     window = 32
     q = torch.randn(case.heads, window, case.head_size, generator=gen).to(case.dtype)
     q_pos = torch.arange(n - window, n)
-    vis = torch.zeros(n, dtype=torch.bool)
-    vis[n // 20 : 9 * n // 10] = True
     ent_pos = torch.unique(torch.cat([vis.nonzero()[:, 0][::64], q_pos]))
     q_ent = torch.randn(case.heads, ent_pos.numel(), case.head_size, generator=gen)
     budget = max(window, math.ceil(0.2 * n))

@@ -61,6 +61,7 @@ def load_kernels():
 
 
 K = load_kernels()
+from meda_vllm.kernels.synthetic import paged_request  # noqa: E402 (after load_kernels)
 
 GEOMETRIES = {
     # name: (query heads, kv heads, head size)
@@ -106,20 +107,13 @@ def copy_bandwidth(timer, device, quick: bool) -> float:
 
 # ---------------------------------------------------------------------- problem setup
 def build_problem(h, h_kv, d, n, device, dtype, seed=0):
+    # NHD pages, shuffled block ids, one image/video span from 5 % to 90 % of the prompt
+    req = paged_request(n, 1, h_kv, d, BLOCK_SIZE, dtype=dtype, device=device, seed=seed)
+    cache, layout, row, vis = req.caches[0], req.layouts[0], req.row, req.vis.cpu()
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    dev_gen = torch.Generator(device=device).manual_seed(seed)
-    used = -(-n // BLOCK_SIZE)
-    nb = used + 8
-    phys = torch.randn(nb, BLOCK_SIZE, h_kv, 2 * d, generator=dev_gen, device=device)
-    cache = phys.to(dtype).permute(0, 2, 1, 3)  # NHD physical order
-    del phys
-    layout = K.PagedKVLayout.from_logical(cache)
-    row = torch.randperm(nb, generator=gen)[:used].to(torch.int32).to(device)
     window = min(WINDOW, n)
     q_win = (torch.randn(h, window, d, generator=gen) * 2).to(dtype).to(device)
     q_win_pos = torch.arange(n - window, n, device=device)
-    vis = torch.zeros(n, dtype=torch.bool)
-    vis[int(0.05 * n) : int(0.9 * n)] = True  # one image/video span, text before and after
     vis_pos = vis.nonzero()[:, 0]
     stride = max(1, vis_pos.numel() // VIS_SAMPLE)
     ent_pos = torch.cat([vis_pos[::stride][:VIS_SAMPLE], torch.arange(n - window, n)])

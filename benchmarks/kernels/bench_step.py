@@ -32,8 +32,8 @@ import torch
 
 from meda_vllm.compress import required_query_positions
 from meda_vllm.config import KVPolicyConfig
+from meda_vllm.kernels.synthetic import paged_request
 from meda_vllm.paged_view import apply_plan, plan_paged_request
-from meda_vllm.testing.paged import paged_request
 
 # name: (layers, query heads, kv heads, head size, hidden, MLP intermediate)
 MODELS = {

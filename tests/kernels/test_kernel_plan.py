@@ -9,8 +9,8 @@ pytest.importorskip("pydantic")  # the core's config; the GPU machines may lack 
 
 from meda_vllm.compress import required_query_positions  # noqa: E402
 from meda_vllm.config import KVPolicyConfig  # noqa: E402
+from meda_vllm.kernels.synthetic import paged_request  # noqa: E402
 from meda_vllm.paged_view import apply_plan, plan_paged_request  # noqa: E402
-from meda_vllm.testing.paged import paged_request  # noqa: E402
 
 POLICIES = ["snapkv", "pyramidkv", "meda", "madakv", "h2o", "lookm", "streamingllm"]
 

@@ -11,9 +11,9 @@ import torch
 from meda_vllm import paged_view
 from meda_vllm.compress import compress, required_query_positions, score_rows
 from meda_vllm.config import KVPolicyConfig
+from meda_vllm.kernels.synthetic import paged_request
 from meda_vllm.modality import entropy_query_positions
 from meda_vllm.selection import rows_for_positions
-from meda_vllm.testing.paged import paged_request
 from meda_vllm.types import LayerView
 
 

@@ -1,4 +1,5 @@
-"""A request's prompt KV laid out in paged caches, for tests and benchmarks (no vLLM).
+"""A request's prompt KV laid out in paged caches, for tests, benchmarks and the compile
+check (no vLLM): the one builder of synthetic paged requests.
 
 :func:`paged_request` fills ``layers`` cache tensors (one per layer, shared block-table row,
 shuffled block ids, a few spare blocks) with random keys and values, the way vLLM's
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from meda_vllm.kernels import PagedKVLayout
+from .layout import PagedKVLayout
 
 
 @dataclass
