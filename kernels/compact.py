@@ -18,6 +18,8 @@ cache: twice that (gather to workspace, then write back).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import triton
 import triton.language as tl
@@ -25,7 +27,7 @@ import triton.language as tl
 from .dispatch import copy_tile_tokens, launchable, resolve_backend
 from .gather import _launch as _gather_launch
 from .gather import gather_kv_at_reference
-from .layout import FLOAT_DTYPES, PagedKVLayout, check_cache, check_positions, check_row
+from .layout import FLOAT_DTYPES, CacheSet, PagedKVLayout, check_caches, check_positions, check_row
 from .tiles import kv_offsets, page_slots
 
 
@@ -43,7 +45,7 @@ def _write_kernel(
     src_v_stride_t,
     src_v_stride_d,
     block_stride,
-    head_stride,
+    head_off_ptr,
     k_offset,
     k_token_stride,
     k_dim_stride,
@@ -76,7 +78,7 @@ def _write_kernel(
         + offs_d[None, :] * src_v_stride_d,
         mask=mask,
     )
-    base, slot = page_slots(row_ptr, tok, mask_t, head, block_stride, head_stride, BLOCK_SIZE)
+    base, slot = page_slots(row_ptr, tok, mask_t, head, block_stride, head_off_ptr, BLOCK_SIZE)
     k_addr, v_addr = kv_offsets(
         base, slot, offs_d,
         k_offset, k_token_stride, k_dim_stride, v_offset, v_token_stride, v_dim_stride,
@@ -85,7 +87,8 @@ def _write_kernel(
     tl.store(cache_ptr + v_addr, v, mask=mask)
 
 
-def _launch_write(cache, layout: PagedKVLayout, row, src_k, src_v):
+def _launch_write(caches: CacheSet, row, src_k, src_v):
+    cache, layout = caches.base, caches.layout
     h_kv, num_tokens, d = src_k.shape
     if num_tokens == 0:
         return
@@ -98,7 +101,7 @@ def _launch_write(cache, layout: PagedKVLayout, row, src_k, src_v):
         num_tokens,
         *src_k.stride(),
         *src_v.stride(),
-        *layout.kv_args(),
+        *layout.kv_args(caches.head_offsets),
         BLOCK_SIZE=layout.block_size,
         HEAD_SIZE=d,
         BLOCK_T=block_t,
@@ -124,7 +127,7 @@ def compact_reference_(cache, layout: PagedKVLayout, row, kept, new_k=None, new_
 
 
 def compact_(
-    cache: torch.Tensor,
+    cache: torch.Tensor | Sequence[torch.Tensor],
     layout: PagedKVLayout,
     row: torch.Tensor,
     kept: torch.Tensor,
@@ -137,12 +140,15 @@ def compact_(
 
     ``kept [H_kv, P]`` strictly ascending positions per head; ``new_k``/``new_v`` optional
     ``[H_kv, P, D]`` float tensors (cast to the cache dtype), each independent of the other.
+    A sequence of ``L`` layer caches compacts them all in one launch: ``kept`` and
+    ``new_k``/``new_v`` are then ``[L * H_kv, ...]`` (layer-major, see ``CacheSet``).
     """
-    check_cache(cache, layout)
+    caches = check_caches(cache, layout)
+    cache = caches.base
     limit = row.shape[0] * layout.block_size if isinstance(row, torch.Tensor) else 0
     check_row(row, cache, layout, limit)
-    check_positions(kept, "kept", layout.num_kv_heads, limit, cache.device)
-    want = (layout.num_kv_heads, kept.shape[1], layout.head_size)
+    check_positions(kept, "kept", caches.num_heads, limit, cache.device)
+    want = (caches.num_heads, kept.shape[1], layout.head_size)
     for name, t in (("new_k", new_k), ("new_v", new_v)):
         if t is None:
             continue
@@ -153,14 +159,16 @@ def compact_(
         if t.device != cache.device:
             raise ValueError(f"{name} is on {t.device} but cache is on {cache.device}")
     if resolve_backend(backend, cache.device) == "torch":
-        compact_reference_(cache, layout, row, kept, new_k, new_v)
+        parts = zip(caches.tensors, *(caches.split(t) for t in (kept, new_k, new_v)), strict=True)
+        for c, p, k, v in parts:
+            compact_reference_(c, layout, row, p, k, v)
         return
     if kept.shape[1] == 0:
         return
     if new_k is None or new_v is None:
         # stage every read from the cache before the first write (see module docstring)
-        gathered = _gather_launch(cache, layout, row, kept, kept.shape[1])
+        gathered = _gather_launch(caches, row, kept, kept.shape[1])
         new_k = gathered[0] if new_k is None else new_k
         new_v = gathered[1] if new_v is None else new_v
     # sources in another dtype are rounded by torch (round-to-nearest-even everywhere)
-    _launch_write(cache, layout, row, new_k.to(cache.dtype), new_v.to(cache.dtype))
+    _launch_write(caches, row, new_k.to(cache.dtype), new_v.to(cache.dtype))

@@ -21,6 +21,7 @@ small program folds the chunks, the rows and the heads. Traffic: K read once
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import triton
@@ -28,7 +29,7 @@ import triton.language as tl
 
 from .dispatch import dot_in_fp32, dot_tiles, launchable, plan_splits, resolve_backend
 from .gather import gather_pages_reference
-from .layout import PagedKVLayout, check_cache, check_queries, check_row
+from .layout import CacheSet, PagedKVLayout, check_caches, check_queries, check_row
 from .tiles import load_k_tile, load_query_rows
 
 LOG2E = 1.4426950408889634
@@ -52,7 +53,7 @@ def _entropy_partial_kernel(
     q_stride_r,
     q_stride_d,
     block_stride,
-    head_stride,
+    head_off_ptr,
     k_offset,
     k_token_stride,
     k_dim_stride,
@@ -93,7 +94,7 @@ def _entropy_partial_kernel(
             mask_n = keys < key_hi
             k = load_k_tile(
                 cache_ptr, row_ptr, keys, mask_n, head, offs_d, mask_d,
-                block_stride, head_stride, k_offset, k_token_stride, k_dim_stride, BLOCK_SIZE,
+                block_stride, head_off_ptr, k_offset, k_token_stride, k_dim_stride, BLOCK_SIZE,
             )  # fmt: skip
             key_vis = tl.load(vis_ptr + keys, mask=mask_n, other=0) != 0
             if DOT_FP32:
@@ -136,11 +137,12 @@ def _entropy_combine_kernel(
     num_splits,
     BLOCK_R: tl.constexpr,
 ):
+    layer = tl.program_id(0)  # one program per layer of the set: heads [layer * H_kv, +H_kv)
     text_sum = tl.zeros([BLOCK_R], tl.float32)
     text_cnt = tl.zeros([BLOCK_R], tl.float32)
     vis_sum = tl.zeros([BLOCK_R], tl.float32)
     vis_cnt = tl.zeros([BLOCK_R], tl.float32)
-    for kv_head in range(0, num_kv_heads):
+    for kv_head in range(layer * num_kv_heads, (layer + 1) * num_kv_heads):
         for row_lo in range(0, group_rows, BLOCK_R):
             rr = row_lo + tl.arange(0, BLOCK_R)
             mask_r = rr < group_rows
@@ -178,14 +180,17 @@ def _entropy_combine_kernel(
     t_count = tl.sum(text_cnt, 0)
     v_total = tl.sum(vis_sum, 0)
     v_count = tl.sum(vis_cnt, 0)
-    tl.store(out_ptr, tl.where(t_count > 0, t_total / tl.maximum(t_count, 1.0), 0.0))
-    tl.store(out_ptr + 1, tl.where(v_count > 0, v_total / tl.maximum(v_count, 1.0), 0.0))
+    out = out_ptr + 2 * layer
+    tl.store(out, tl.where(t_count > 0, t_total / tl.maximum(t_count, 1.0), 0.0))
+    tl.store(out + 1, tl.where(v_count > 0, v_total / tl.maximum(v_count, 1.0), 0.0))
 
 
-def _launch(q, q_pos, cache, layout: PagedKVLayout, row, n, vis, scale, causal, group):
-    h_kv, d = layout.num_kv_heads, layout.head_size
+def _launch(q, q_pos, caches: CacheSet, row, n, vis, scale, causal, group):
+    """``[L, 2]`` per layer of the set."""
+    cache, layout = caches.base, caches.layout
+    h_kv, d = caches.num_heads, layout.head_size
     device = cache.device
-    out = torch.zeros(2, dtype=torch.float32, device=device)
+    out = torch.zeros((caches.num_layers, 2), dtype=torch.float32, device=device)
     rows = q.shape[1]
     group_rows = group * rows
     if n == 0 or rows == 0:
@@ -212,7 +217,7 @@ def _launch(q, q_pos, cache, layout: PagedKVLayout, row, n, vis, scale, causal, 
         group_rows,
         keys_per_split,
         *q.stride(),
-        *layout.k_args(),
+        *layout.k_args(caches.head_offsets),
         scale * LOG2E,
         GROUP=group,
         CAUSAL=bool(causal),
@@ -224,14 +229,14 @@ def _launch(q, q_pos, cache, layout: PagedKVLayout, row, n, vis, scale, causal, 
         BLOCK_D=block_d,
         num_warps=warps,
     )
-    launchable(_entropy_combine_kernel, device)[(1,)](
+    launchable(_entropy_combine_kernel, device)[(caches.num_layers,)](
         m,
         z,
         t,
         q_pos,
         vis_u8,
         out,
-        h_kv,
+        layout.num_kv_heads,
         rows,
         group_rows,
         splits,
@@ -280,7 +285,7 @@ def paged_cross_modal_entropy_reference(
 def paged_cross_modal_entropy(
     q: torch.Tensor,
     q_pos: torch.Tensor,
-    cache: torch.Tensor,
+    cache: torch.Tensor | Sequence[torch.Tensor],
     layout: PagedKVLayout,
     row: torch.Tensor,
     n: int,
@@ -294,10 +299,13 @@ def paged_cross_modal_entropy(
 
     ``q [H, R, D]`` sampled query rows at prompt positions ``q_pos [R]`` (in ``[0, n)``),
     ``vis [n]`` bool modality mask (True = image/video token). MEDA's ``E_l = out.sum()``.
+    A sequence of ``L`` layer caches (``q [L * H, R, D]``, layer-major) gives ``[L, 2]``
+    in one pass (see ``CacheSet``).
     """
-    check_cache(cache, layout)
+    caches = check_caches(cache, layout)
+    cache = caches.base
     check_row(row, cache, layout, n)
-    group = check_queries(q, q_pos, layout, cache, n)
+    group = check_queries(q, q_pos, caches, n)
     if not isinstance(vis, torch.Tensor) or vis.dim() != 1 or vis.dtype != torch.bool:
         raise ValueError("vis must be a 1-D bool tensor (True = visual position)")
     if vis.shape[0] != n:
@@ -306,7 +314,10 @@ def paged_cross_modal_entropy(
         raise ValueError(f"vis is on {vis.device} but cache is on {cache.device}")
     scale = 1.0 / math.sqrt(layout.head_size) if scale is None else float(scale)
     if resolve_backend(backend, cache.device) == "torch":
-        return paged_cross_modal_entropy_reference(
-            q, q_pos, cache, layout, row, n, vis, scale, causal
-        )
-    return _launch(q, q_pos, cache, layout, row, n, vis, scale, causal, group)
+        out = torch.stack([
+            paged_cross_modal_entropy_reference(ql, q_pos, c, layout, row, n, vis, scale, causal)
+            for c, ql in zip(caches.tensors, q.chunk(caches.num_layers, dim=0), strict=True)
+        ])  # fmt: skip
+    else:
+        out = _launch(q, q_pos, caches, row, n, vis, scale, causal, group)
+    return out if caches.is_set else out[0]

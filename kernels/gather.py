@@ -8,12 +8,14 @@ and of V, write the same amount.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import triton
 import triton.language as tl
 
 from .dispatch import copy_tile_tokens, launchable, resolve_backend
-from .layout import PagedKVLayout, check_cache, check_positions, check_row
+from .layout import CacheSet, PagedKVLayout, check_caches, check_positions, check_row
 from .tiles import kv_offsets, page_slots
 
 
@@ -27,7 +29,7 @@ def _gather_kernel(
     num_tokens,
     pos_stride_h,
     block_stride,
-    head_stride,
+    head_off_ptr,
     k_offset,
     k_token_stride,
     k_dim_stride,
@@ -50,7 +52,7 @@ def _gather_kernel(
         tok = tl.load(pos_ptr + head * pos_stride_h + offs_t, mask=mask_t, other=0).to(tl.int64)
     else:
         tok = offs_t.to(tl.int64)
-    base, slot = page_slots(row_ptr, tok, mask_t, head, block_stride, head_stride, BLOCK_SIZE)
+    base, slot = page_slots(row_ptr, tok, mask_t, head, block_stride, head_off_ptr, BLOCK_SIZE)
     offs_d = tl.arange(0, BLOCK_D)
     mask = mask_t[:, None] & (offs_d < HEAD_SIZE)[None, :]
     k_addr, v_addr = kv_offsets(
@@ -65,8 +67,11 @@ def _gather_kernel(
     tl.store(out_v_ptr + out, v, mask=mask)
 
 
-def _launch(cache, layout: PagedKVLayout, row, positions, num_tokens: int):
-    h_kv, d = layout.num_kv_heads, layout.head_size
+def _launch(caches: CacheSet, row, positions, num_tokens: int):
+    """``[heads, num_tokens, D]`` K and V of every head of the set (the first tokens, or
+    ``positions [heads, P]``)."""
+    layout, cache = caches.layout, caches.base
+    h_kv, d = caches.num_heads, layout.head_size
     out_k = torch.empty((h_kv, num_tokens, d), dtype=cache.dtype, device=cache.device)
     out_v = torch.empty_like(out_k)
     if num_tokens == 0:
@@ -84,7 +89,7 @@ def _launch(cache, layout: PagedKVLayout, row, positions, num_tokens: int):
         out_v,
         num_tokens,
         positions.stride(0) if has_pos else 0,
-        *layout.kv_args(),
+        *layout.kv_args(caches.head_offsets),
         out_k.stride(0),
         out_k.stride(1),
         BLOCK_SIZE=layout.block_size,
@@ -125,37 +130,48 @@ def gather_kv_at_reference(cache, layout: PagedKVLayout, row, positions):
 
 
 # ---------------------------------------------------------------------- public ops
+def per_layer(caches: CacheSet, fn, *head_major):
+    """Run a one-layer reference ``fn(cache, *args)`` on every layer of the set, splitting
+    the head-major ``[L * H_kv, ...]`` tensor arguments (a list: already one per layer);
+    results (tensors or tuples of them) joined along heads."""
+    parts = [t if isinstance(t, list) else caches.split(t) for t in head_major]
+    outs = [fn(cache, *args) for cache, *args in zip(caches.tensors, *parts, strict=True)]
+    if isinstance(outs[0], tuple):
+        return tuple(torch.cat(list(x), dim=0) for x in zip(*outs, strict=True))
+    return torch.cat(outs, dim=0)
+
+
 def gather_kv(
-    cache: torch.Tensor,
+    cache: torch.Tensor | Sequence[torch.Tensor],
     layout: PagedKVLayout,
     row: torch.Tensor,
     n: int,
     *,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """K and V of the request's first ``n`` tokens, each ``[H_kv, n, D]`` in the cache dtype."""
-    check_cache(cache, layout)
-    check_row(row, cache, layout, n)
-    if resolve_backend(backend, cache.device) == "torch":
-        return gather_kv_reference(cache, layout, row, n)
-    return _launch(cache, layout, row, None, n)
+    """K and V of the request's first ``n`` tokens, each ``[H_kv, n, D]`` in the cache dtype
+    (``[L * H_kv, n, D]`` for a sequence of ``L`` layer caches, see ``CacheSet``)."""
+    caches = check_caches(cache, layout)
+    check_row(row, caches.base, layout, n)
+    if resolve_backend(backend, caches.device) == "torch":
+        return per_layer(caches, lambda c: gather_kv_reference(c, layout, row, n))
+    return _launch(caches, row, None, n)
 
 
 def gather_kv_at(
-    cache: torch.Tensor,
+    cache: torch.Tensor | Sequence[torch.Tensor],
     layout: PagedKVLayout,
     row: torch.Tensor,
     positions: torch.Tensor,
     *,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """K and V at per-head positions ``[H_kv, P]``, each ``[H_kv, P, D]``."""
-    check_cache(cache, layout)
+    """K and V at per-head positions ``[H_kv, P]``, each ``[H_kv, P, D]`` (layer sets:
+    ``[L * H_kv, ...]``)."""
+    caches = check_caches(cache, layout)
     limit = row.shape[0] * layout.block_size if isinstance(row, torch.Tensor) else 0
-    check_row(row, cache, layout, limit)
-    check_positions(
-        positions, "positions", layout.num_kv_heads, limit, cache.device, ascending=False
-    )
-    if resolve_backend(backend, cache.device) == "torch":
-        return gather_kv_at_reference(cache, layout, row, positions)
-    return _launch(cache, layout, row, positions, positions.shape[1])
+    check_row(row, caches.base, layout, limit)
+    check_positions(positions, "positions", caches.num_heads, limit, caches.device, ascending=False)
+    if resolve_backend(backend, caches.device) == "torch":
+        return per_layer(caches, lambda c, p: gather_kv_at_reference(c, layout, row, p), positions)
+    return _launch(caches, row, positions, positions.shape[1])

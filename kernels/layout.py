@@ -18,6 +18,8 @@ that is a view with a non-zero ``storage_offset`` is handled without extra bookk
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -104,19 +106,25 @@ class PagedKVLayout:
         )
 
     # ------------------------------------------------------------------ helpers
-    def k_args(self) -> tuple[int, int, int, int, int]:
-        """The kernels' K addressing arguments, in their parameter order."""
+    def k_args(self, head_offsets: torch.Tensor) -> tuple:
+        """The kernels' K addressing arguments, in their parameter order
+        (``head_offsets``: :attr:`CacheSet.head_offsets`)."""
         return (
             self.block_stride,
-            self.head_stride,
+            head_offsets,
             self.k_offset,
             self.k_token_stride,
             self.k_dim_stride,
         )
 
-    def kv_args(self) -> tuple[int, ...]:
+    def kv_args(self, head_offsets: torch.Tensor) -> tuple:
         """The kernels' K and V addressing arguments, in their parameter order."""
-        return (*self.k_args(), self.v_offset, self.v_token_stride, self.v_dim_stride)
+        return (
+            *self.k_args(head_offsets),
+            self.v_offset,
+            self.v_token_stride,
+            self.v_dim_stride,
+        )
 
     def extent(self, num_blocks: int) -> int:
         """Number of elements (from the cache's first element) the layout may touch."""
@@ -144,6 +152,95 @@ class PagedKVLayout:
     def v_view(self, cache: torch.Tensor) -> torch.Tensor:
         """``[num_blocks, H_kv, block_size, D]`` view of the V pages (shares storage)."""
         return self._view(cache, self.v_offset, self.v_token_stride, self.v_dim_stride)
+
+
+# ---------------------------------------------------------------------- layer sets
+@dataclass(frozen=True)
+class CacheSet:
+    """One layer's cache, or several layers' caches of one layout, as the kernels see them:
+    one cache of ``num_layers * H_kv`` heads, head ``l * H_kv + h`` being KV head ``h`` of
+    ``tensors[l]``. Every op takes a tensor (one layer) or a sequence of tensors (a layer
+    set: one launch for all layers, head-major arguments and outputs ``[L * H_kv, ...]``).
+
+    The kernels address a head through :attr:`head_offsets`, the element offset of each
+    (layer, head) from the first tensor's first element (``layer`` pointers may lie before
+    or after it: one address space), so per-layer caches need not be one allocation.
+    """
+
+    tensors: tuple[torch.Tensor, ...]
+    layout: PagedKVLayout
+    is_set: bool  # given as a sequence: outputs keep a layer axis where one op has one
+
+    @property
+    def base(self) -> torch.Tensor:
+        return self.tensors[0]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.tensors)
+
+    @property
+    def num_heads(self) -> int:
+        return self.num_layers * self.layout.num_kv_heads
+
+    @property
+    def device(self) -> torch.device:
+        return self.base.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.base.dtype
+
+    @property
+    def head_offsets(self) -> torch.Tensor:
+        """int64 ``[num_heads]`` on the cache's device (made once per set of pointers)."""
+        ptrs = tuple(t.data_ptr() for t in self.tensors)
+        return _head_offsets(
+            ptrs, self.base.element_size(), self.layout.num_kv_heads, self.layout.head_stride,
+            str(self.device),
+        )  # fmt: skip
+
+    def split(self, t: torch.Tensor | None) -> list[torch.Tensor | None]:
+        """A head-major tensor ``[L * H_kv, ...]`` as ``L`` per-layer ``[H_kv, ...]`` views."""
+        if t is None:
+            return [None] * self.num_layers
+        return list(t.split(self.layout.num_kv_heads, dim=0))
+
+
+@functools.lru_cache(maxsize=256)
+def _head_offsets(ptrs, elem: int, h_kv: int, head_stride: int, device: str) -> torch.Tensor:
+    # Pointers, not tensors, are the key: a cache is allocated once per server, so on a
+    # GPU the host-to-device copy (a synchronisation) happens at the first request only.
+    offsets = []
+    for p in ptrs:
+        delta = p - ptrs[0]
+        if delta % elem:
+            raise ValueError("layer caches must be aligned to their element size")
+        offsets.extend(delta // elem + h * head_stride for h in range(h_kv))
+    return torch.tensor(offsets, dtype=torch.int64, device=device)
+
+
+def check_caches(cache: torch.Tensor | Sequence[torch.Tensor], layout: PagedKVLayout) -> CacheSet:
+    """Validate one cache tensor or a sequence of them (each one of ``layout``; all of one
+    dtype, shape and device) and return their :class:`CacheSet`."""
+    is_set = not isinstance(cache, torch.Tensor)
+    if is_set:
+        if isinstance(cache, (str, bytes)) or not isinstance(cache, Sequence) or not cache:
+            raise ValueError("cache must be a torch.Tensor or a non-empty sequence of them")
+        tensors = tuple(cache)
+    else:
+        tensors = (cache,)
+    for t in tensors:
+        check_cache(t, layout)
+    first = tensors[0]
+    for t in tensors[1:]:
+        if t.dtype != first.dtype or t.device != first.device or t.shape != first.shape:
+            raise ValueError(
+                "the caches of a layer set must share dtype, device and shape "
+                f"(got {first.dtype}/{first.device}/{tuple(first.shape)} and "
+                f"{t.dtype}/{t.device}/{tuple(t.shape)})"
+            )
+    return CacheSet(tensors, layout, is_set)
 
 
 # ---------------------------------------------------------------------- validation
@@ -214,22 +311,20 @@ def check_positions(
             raise ValueError(f"{name} must be strictly ascending per head")
 
 
-def check_queries(
-    q: torch.Tensor, q_pos: torch.Tensor, layout: PagedKVLayout, cache: torch.Tensor, n: int
-) -> int:
+def check_queries(q: torch.Tensor, q_pos: torch.Tensor, caches: CacheSet, n: int) -> int:
     """Validate ``q [H, R, D]`` / ``q_pos [R]`` (positions in ``[0, n)``, checked on CPU only).
 
-    Returns the GQA group size ``H // H_kv``.
+    ``H`` counts the query heads of every layer of the set. Returns the GQA group size
+    ``H // (L * H_kv)``.
     """
+    layout, cache, num_kv_heads = caches.layout, caches.base, caches.num_heads
     if not isinstance(q, torch.Tensor) or q.dim() != 3 or q.dtype not in FLOAT_DTYPES:
         raise ValueError("q must be a [H, R, D] float16/bfloat16/float32 tensor")
     h, r, d = q.shape
     if d != layout.head_size:
         raise ValueError(f"q head size {d} != cache head size {layout.head_size}")
-    if h % layout.num_kv_heads != 0:
-        raise ValueError(
-            f"query heads ({h}) must be a multiple of KV heads ({layout.num_kv_heads})"
-        )
+    if h % num_kv_heads != 0:
+        raise ValueError(f"query heads ({h}) must be a multiple of KV heads ({num_kv_heads})")
     if not isinstance(q_pos, torch.Tensor) or q_pos.dim() != 1 or q_pos.dtype not in INDEX_DTYPES:
         raise ValueError("q_pos must be a 1-D int32/int64 tensor")
     if q_pos.shape[0] != r:
@@ -242,4 +337,4 @@ def check_queries(
         and (int(q_pos.min()) < 0 or int(q_pos.max()) >= n)
     ):
         raise ValueError(f"q_pos holds positions outside [0, {n})")
-    return h // layout.num_kv_heads
+    return h // num_kv_heads

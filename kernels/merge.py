@@ -27,14 +27,16 @@ Traffic: K read ~twice, V once (``(2+1)*n*H_kv*D`` elements), output ``2*S*H_kv*
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import triton
 import triton.language as tl
 
 from .dispatch import dot_in_fp32, launchable, match_tiles, resolve_backend
 from .gather import _launch as _gather_launch
-from .gather import gather_kv_at_reference
-from .layout import PagedKVLayout, check_cache, check_positions, check_row
+from .gather import gather_kv_at_reference, per_layer
+from .layout import CacheSet, PagedKVLayout, check_caches, check_positions, check_row
 from .tiles import kv_offsets, load_k_tile, page_slots
 
 MERGE_MODES = ("average", "weighted")
@@ -52,7 +54,7 @@ def _match_kernel(
     num_kept,
     num_evicted,
     block_stride,
-    head_stride,
+    head_off_ptr,
     k_offset,
     k_token_stride,
     k_dim_stride,
@@ -72,7 +74,7 @@ def _match_kernel(
     pos_e = tl.load(evicted_ptr + head * num_evicted + offs_e, mask=mask_e, other=0)
     k_e = load_k_tile(
         cache_ptr, row_ptr, pos_e.to(tl.int64), mask_e, head, offs_d, mask_d,
-        block_stride, head_stride, k_offset, k_token_stride, k_dim_stride, BLOCK_SIZE,
+        block_stride, head_off_ptr, k_offset, k_token_stride, k_dim_stride, BLOCK_SIZE,
     )  # fmt: skip
     if DOT_FP32:
         k_e = k_e.to(tl.float32)
@@ -120,7 +122,7 @@ def _accumulate_kernel(
     num_evicted,
     scores_stride_h,
     block_stride,
-    head_stride,
+    head_off_ptr,
     k_offset,
     k_token_stride,
     k_dim_stride,
@@ -157,7 +159,7 @@ def _accumulate_kernel(
             sorted_pos_ptr + head * num_evicted + start + offs_e, mask=mask_e, other=0
         ).to(tl.int64)
         base_e, slot_e = page_slots(
-            row_ptr, pos_e, mask_e, head, block_stride, head_stride, BLOCK_SIZE
+            row_ptr, pos_e, mask_e, head, block_stride, head_off_ptr, BLOCK_SIZE
         )
         k_addr, v_addr = kv_offsets(
             base_e, slot_e, offs_d,
@@ -226,7 +228,8 @@ def _inverse_norms(kept_k: torch.Tensor) -> torch.Tensor:
     return 1.0 / kept_k.float().pow(2).sum(-1).sqrt().clamp(min=NORM_EPS)
 
 
-def _launch_match(cache, layout: PagedKVLayout, row, kept_k, evicted):
+def _launch_match(caches: CacheSet, row, kept_k, evicted):
+    cache, layout = caches.base, caches.layout
     h_kv, num_kept, _ = kept_k.shape
     num_evicted = evicted.shape[1]
     device = cache.device
@@ -246,7 +249,7 @@ def _launch_match(cache, layout: PagedKVLayout, row, kept_k, evicted):
         match,
         num_kept,
         num_evicted,
-        *layout.k_args(),
+        *layout.k_args(caches.head_offsets),
         BLOCK_SIZE=layout.block_size,
         HEAD_SIZE=layout.head_size,
         DOT_FP32=dot_fp32,
@@ -258,16 +261,17 @@ def _launch_match(cache, layout: PagedKVLayout, row, kept_k, evicted):
     return match
 
 
-def _launch(cache, layout: PagedKVLayout, row, n, kept, mode, scores):
+def _launch(caches: CacheSet, row, n, kept, mode, scores):
+    cache, layout = caches.base, caches.layout
     h_kv, num_kept = kept.shape
     d = layout.head_size
     device = cache.device
     kept = kept.contiguous()
-    kept_k, kept_v = _gather_launch(cache, layout, row, kept, num_kept)  # dense [H_kv, S, D]
+    kept_k, kept_v = _gather_launch(caches, row, kept, num_kept)  # dense [H_kv, S, D]
     if num_kept == 0 or num_kept == n:
         return kept_k, kept_v
     evicted = _evicted_positions(kept, n)
-    match = _launch_match(cache, layout, row, kept_k, evicted)
+    match = _launch_match(caches, row, kept_k, evicted)
     sorted_pos, starts, counts = _segments(match, evicted, num_kept)
     weighted = mode == "weighted"
     if weighted:
@@ -291,7 +295,7 @@ def _launch(cache, layout: PagedKVLayout, row, n, kept, mode, scores):
         num_kept,
         sorted_pos.shape[1],
         scores.stride(0) if weighted else 0,
-        *layout.kv_args(),
+        *layout.kv_args(caches.head_offsets),
         BLOCK_SIZE=layout.block_size,
         HEAD_SIZE=d,
         WEIGHTED=weighted,
@@ -367,18 +371,19 @@ def paged_merge_reference(
 
 
 # ---------------------------------------------------------------------- public ops
-def _check(cache, layout, row, n, kept):
-    check_cache(cache, layout)
-    check_row(row, cache, layout, n)
-    check_positions(kept, "kept", layout.num_kv_heads, n, cache.device)
+def _check(cache, layout, row, n, kept) -> CacheSet:
+    caches = check_caches(cache, layout)
+    check_row(row, caches.base, layout, n)
+    check_positions(kept, "kept", caches.num_heads, n, caches.device)
     if kept.shape[1] > n:
         raise ValueError(f"kept has {kept.shape[1]} positions per head but n = {n}")
     if kept.shape[1] == 0 and n > 0:
         raise ValueError("kept is empty: evicted tokens would have nothing to merge into")
+    return caches
 
 
 def merge_match(
-    cache: torch.Tensor,
+    cache: torch.Tensor | Sequence[torch.Tensor],
     layout: PagedKVLayout,
     row: torch.Tensor,
     n: int,
@@ -386,18 +391,19 @@ def merge_match(
     *,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(evicted [H_kv, n-S] positions, match [H_kv, n-S] int64 index into kept)``."""
-    _check(cache, layout, row, n, kept)
-    if resolve_backend(backend, cache.device) == "torch":
-        return merge_match_reference(cache, layout, row, n, kept)
+    """``(evicted [H_kv, n-S] positions, match [H_kv, n-S] int64 index into kept)``
+    (layer sets: ``[L * H_kv, ...]``)."""
+    caches = _check(cache, layout, row, n, kept)
+    if resolve_backend(backend, caches.device) == "torch":
+        return per_layer(caches, lambda c, k: merge_match_reference(c, layout, row, n, k), kept)
     kept = kept.contiguous()
     evicted = _evicted_positions(kept, n)
-    kept_k = _gather_launch(cache, layout, row, kept, kept.shape[1])[0]
-    return evicted, _launch_match(cache, layout, row, kept_k, evicted).long()
+    kept_k = _gather_launch(caches, row, kept, kept.shape[1])[0]
+    return evicted, _launch_match(caches, row, kept_k, evicted).long()
 
 
 def paged_merge(
-    cache: torch.Tensor,
+    cache: torch.Tensor | Sequence[torch.Tensor],
     layout: PagedKVLayout,
     row: torch.Tensor,
     n: int,
@@ -410,9 +416,11 @@ def paged_merge(
     """Merged K and V of the kept tokens, each ``[H_kv, S, D]`` in the cache dtype.
 
     ``kept [H_kv, S]`` strictly ascending positions per head; ``scores [H_kv, n]``
-    (non-negative) is required for ``mode="weighted"``.
+    (non-negative) is required for ``mode="weighted"``. A sequence of ``L`` layer caches
+    merges all layers in one set of launches, every head-major tensor ``[L * H_kv, ...]``.
     """
-    _check(cache, layout, row, n, kept)
+    caches = _check(cache, layout, row, n, kept)
+    heads = caches.num_heads
     if mode not in MERGE_MODES:
         raise ValueError(f"mode must be one of {MERGE_MODES}, got {mode!r}")
     if mode == "weighted":
@@ -421,11 +429,16 @@ def paged_merge(
         if (
             not isinstance(scores, torch.Tensor)
             or not scores.is_floating_point()
-            or tuple(scores.shape) != (layout.num_kv_heads, n)
+            or tuple(scores.shape) != (heads, n)
         ):
-            raise ValueError(f"scores must be a float [{layout.num_kv_heads}, {n}] tensor")
-        if scores.device != cache.device:
-            raise ValueError(f"scores is on {scores.device} but cache is on {cache.device}")
-    if resolve_backend(backend, cache.device) == "torch":
-        return paged_merge_reference(cache, layout, row, n, kept, mode, scores)
-    return _launch(cache, layout, row, n, kept, mode, scores)
+            raise ValueError(f"scores must be a float [{heads}, {n}] tensor")
+        if scores.device != caches.device:
+            raise ValueError(f"scores is on {scores.device} but cache is on {caches.device}")
+    if resolve_backend(backend, caches.device) == "torch":
+        return per_layer(
+            caches,
+            lambda c, k, s: paged_merge_reference(c, layout, row, n, k, mode, s),
+            kept,
+            scores if scores is not None else [None] * caches.num_layers,
+        )
+    return _launch(caches, row, n, kept, mode, scores)

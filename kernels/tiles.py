@@ -12,12 +12,13 @@ import triton.language as tl
 
 
 @triton.jit
-def page_slots(row_ptr, tok, mask, head, block_stride, head_stride, BLOCK_SIZE: tl.constexpr):
+def page_slots(row_ptr, tok, mask, head, block_stride, head_off_ptr, BLOCK_SIZE: tl.constexpr):
     """``(base, slot)`` of tokens ``tok`` of KV head ``head``: the element offset of their
-    page and head (``row[tok // bs] * block_stride + head * head_stride``) and the slot in
+    page and head (``row[tok // bs] * block_stride + head_offsets[head]``; ``head`` indexes
+    a ``CacheSet``'s heads, so it may be a head of another layer's cache) and the slot in
     the page (``tok % bs``)."""
     page = tl.load(row_ptr + tok // BLOCK_SIZE, mask=mask, other=0).to(tl.int64)
-    return page * block_stride + head * head_stride, tok % BLOCK_SIZE
+    return page * block_stride + tl.load(head_off_ptr + head), tok % BLOCK_SIZE
 
 
 @triton.jit
@@ -48,7 +49,7 @@ def load_k_tile(
     offs_d,
     mask_d,
     block_stride,
-    head_stride,
+    head_off_ptr,
     k_offset,
     k_token_stride,
     k_dim_stride,
@@ -56,7 +57,7 @@ def load_k_tile(
 ):
     """``[T, BLOCK_D]`` keys of tokens ``tok`` (prompt positions) of KV head ``head``;
     masked rows and columns read 0."""
-    base, slot = page_slots(row_ptr, tok, mask_t, head, block_stride, head_stride, BLOCK_SIZE)
+    base, slot = page_slots(row_ptr, tok, mask_t, head, block_stride, head_off_ptr, BLOCK_SIZE)
     addr = base + k_offset + slot * k_token_stride
     return tl.load(
         cache_ptr + addr[:, None] + offs_d[None, :] * k_dim_stride,

@@ -17,14 +17,15 @@ Traffic: K is read twice (``2*n*H_kv*D`` elements), Q ``(n/BLOCK_N + splits)`` t
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import triton
 import triton.language as tl
 
 from .dispatch import dot_in_fp32, dot_tiles, launchable, plan_splits, resolve_backend
-from .gather import gather_pages_reference
-from .layout import PagedKVLayout, check_cache, check_queries, check_row
+from .gather import gather_pages_reference, per_layer
+from .layout import CacheSet, PagedKVLayout, check_caches, check_queries, check_row
 from .tiles import load_k_tile, load_query_rows
 
 LOG2E = 1.4426950408889634
@@ -46,7 +47,7 @@ def _row_stats_kernel(
     q_stride_r,
     q_stride_d,
     block_stride,
-    head_stride,
+    head_off_ptr,
     k_offset,
     k_token_stride,
     k_dim_stride,
@@ -84,7 +85,7 @@ def _row_stats_kernel(
             mask_n = keys < key_hi
             k = load_k_tile(
                 cache_ptr, row_ptr, keys, mask_n, head, offs_d, mask_d,
-                block_stride, head_stride, k_offset, k_token_stride, k_dim_stride, BLOCK_SIZE,
+                block_stride, head_off_ptr, k_offset, k_token_stride, k_dim_stride, BLOCK_SIZE,
             )  # fmt: skip
             if DOT_FP32:
                 s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
@@ -138,7 +139,7 @@ def _scores_kernel(
     q_stride_r,
     q_stride_d,
     block_stride,
-    head_stride,
+    head_off_ptr,
     k_offset,
     k_token_stride,
     k_dim_stride,
@@ -159,7 +160,7 @@ def _scores_kernel(
     mask_d = offs_d < HEAD_SIZE
     k = load_k_tile(
         cache_ptr, row_ptr, keys, mask_n, kv_head.to(tl.int64), offs_d, mask_d,
-        block_stride, head_stride, k_offset, k_token_stride, k_dim_stride, BLOCK_SIZE,
+        block_stride, head_off_ptr, k_offset, k_token_stride, k_dim_stride, BLOCK_SIZE,
     )  # fmt: skip
     if DOT_FP32:  # noqa: SIM108 (explicit constexpr branches in kernels)
         k_t = tl.trans(k.to(tl.float32))
@@ -191,8 +192,9 @@ def _scores_kernel(
     tl.store(out_ptr + kv_head.to(tl.int64) * n + keys, acc * inv_group, mask=mask_n)
 
 
-def _launch(q, q_pos, cache, layout: PagedKVLayout, row, n: int, scale: float, group: int):
-    h_kv, d = layout.num_kv_heads, layout.head_size
+def _launch(q, q_pos, caches: CacheSet, row, n: int, scale: float, group: int):
+    cache, layout = caches.base, caches.layout
+    h_kv, d = caches.num_heads, layout.head_size
     device = cache.device
     out = torch.zeros((h_kv, n), dtype=torch.float32, device=device)
     rows = q.shape[1]
@@ -216,7 +218,7 @@ def _launch(q, q_pos, cache, layout: PagedKVLayout, row, n: int, scale: float, g
         BLOCK_N=block_n,
         BLOCK_D=block_d,
     )
-    k_layout = layout.k_args()
+    k_layout = layout.k_args(caches.head_offsets)
     launchable(_row_stats_kernel, device)[(h_kv, splits)](
         q,
         q_pos,
@@ -296,7 +298,7 @@ def paged_window_scores_reference(
 def paged_window_scores(
     q: torch.Tensor,
     q_pos: torch.Tensor,
-    cache: torch.Tensor,
+    cache: torch.Tensor | Sequence[torch.Tensor],
     layout: PagedKVLayout,
     row: torch.Tensor,
     n: int,
@@ -307,12 +309,18 @@ def paged_window_scores(
     """Causal window-attention column sums per KV head: fp32 ``[H_kv, n]``.
 
     ``q [H, R, D]`` are the window's query rows (post-RoPE), ``q_pos [R]`` their prompt
-    positions (ascending, in ``[0, n)``); ``scale`` defaults to ``1/sqrt(D)``.
+    positions (ascending, in ``[0, n)``); ``scale`` defaults to ``1/sqrt(D)``. A sequence of
+    ``L`` layer caches scores all layers in one pass: ``q [L * H, R, D]`` (layer-major),
+    output ``[L * H_kv, n]`` (see ``CacheSet``).
     """
-    check_cache(cache, layout)
-    check_row(row, cache, layout, n)
-    group = check_queries(q, q_pos, layout, cache, n)
+    caches = check_caches(cache, layout)
+    check_row(row, caches.base, layout, n)
+    group = check_queries(q, q_pos, caches, n)
     scale = 1.0 / math.sqrt(layout.head_size) if scale is None else float(scale)
-    if resolve_backend(backend, cache.device) == "torch":
-        return paged_window_scores_reference(q, q_pos, cache, layout, row, n, scale)
-    return _launch(q, q_pos, cache, layout, row, n, scale, group)
+    if resolve_backend(backend, caches.device) == "torch":
+        return per_layer(
+            caches,
+            lambda c, ql: paged_window_scores_reference(ql, q_pos, c, layout, row, n, scale),
+            list(q.chunk(caches.num_layers, dim=0)),
+        )
+    return _launch(q, q_pos, caches, row, n, scale, group)

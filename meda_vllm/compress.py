@@ -6,6 +6,11 @@ Flow of ``compress``:
 2. selection: every layer is read (again) and ranked, the best ``P_l`` positions kept
    (``P_l = S_l``, or more when padding to a common physical length);
 3. merging of the evicted entries into the kept ones, on the final kept set.
+
+With ``layer_set`` (the engine's fast path) steps 2 and 3 run once for all layers: the
+set's view stacks every layer's KV heads (``[L * H_kv, ...]``, layer-major), the policy
+ranks them with one budget per layer and the paged kernels score and merge all layers in
+one launch each, instead of a few dozen small launches per layer.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ def compress(
     n_tokens: int,
     *,
     pad_to: int | Literal["max"] | None = None,
+    layer_set: Callable[[], LayerView] | None = None,
 ) -> CompressionPlan | None:
     """Plan the compression of one request's prompt cache; None when nothing is evicted.
 
@@ -56,6 +62,11 @@ def compress(
     ``"max"`` tops every layer up to the largest layer budget; an int ``P`` tops up to
     ``min(P, N)`` and must be at least the largest layer budget. Padding adds the next
     best positions by the layer's own ranking; ``LayerPlan.budget`` stays ``S_l``.
+
+    ``layer_set()``: one view of all layers (heads layer-major, ``H_kv = L * H_kv``), used
+    for selection and merging when every layer keeps the same physical length (padding)
+    and the policy is ``stackable``; the plan then carries it as ``CompressionPlan.stacked``
+    and its per-layer plans are views of it. The result equals the per-layer plan.
     """
     if num_layers < 1:
         raise ValueError(f"num_layers must be >= 1 (got {num_layers})")
@@ -81,10 +92,22 @@ def compress(
         return None
     physical = _physical_length(pad_to, budgets, n)
 
-    layers = []
-    for layer in range(num_layers):
-        view = checked_view(layer)
-        layers.append(_plan_layer(policy, view, budgets[layer], max(physical, budgets[layer])))
+    stacked = None
+    if layer_set is not None and policy.stackable and max(budgets) <= physical < n:
+        stacked = _plan_layer_set(policy, layer_set(), n, budgets, physical)
+        layers = [
+            LayerPlan(kept=kept, keys=keys, values=values, budget=b)
+            for kept, keys, values, b in zip(
+                *(_split(t, num_layers) for t in (stacked.kept, stacked.keys, stacked.values)),
+                budgets,
+                strict=True,
+            )
+        ]
+    else:
+        layers = []
+        for layer in range(num_layers):
+            view = checked_view(layer)
+            layers.append(_plan_layer(policy, view, budgets[layer], max(physical, budgets[layer])))
     return CompressionPlan(
         layers=layers,
         n_tokens=n,
@@ -92,7 +115,22 @@ def compress(
         fallback=alloc.fallback,
         entropy=alloc.entropy,
         layer_budgets=budgets,
+        stacked=stacked,
     )
+
+
+def _split(t: Tensor | None, num_layers: int) -> list[Tensor | None]:
+    return [None] * num_layers if t is None else list(t.chunk(num_layers, dim=0))
+
+
+def _plan_layer_set(
+    policy: Policy, view: LayerView, n: int, budgets: list[int], physical: int
+) -> LayerPlan:
+    if view.kv_shape[1] != n:
+        raise ValueError(f"layer set view has {view.kv_shape[1]} tokens, expected {n}")
+    if view.H_kv % len(budgets) != 0:
+        raise ValueError(f"layer set has {view.H_kv} KV heads for {len(budgets)} layers")
+    return _plan_layer(policy, view, budgets, physical)
 
 
 def _physical_length(pad_to: int | str | None, budgets: list[int], n: int) -> int:
@@ -108,7 +146,9 @@ def _physical_length(pad_to: int | str | None, budgets: list[int], n: int) -> in
     return physical
 
 
-def _plan_layer(policy: Policy, view: LayerView, budget: int, physical: int) -> LayerPlan:
+def _plan_layer(
+    policy: Policy, view: LayerView, budget: int | list[int], physical: int
+) -> LayerPlan:
     n = view.N
     device = view.device
     if physical >= n:

@@ -142,7 +142,7 @@ def to_host_floats(values: list[float | Tensor]) -> list[float]:
     tensors = [i for i, v in enumerate(values) if isinstance(v, Tensor)]
     out = list(values)
     if tensors:
-        host = torch.stack([values[i].reshape(()).double() for i in tensors]).tolist()
+        host = torch.stack([values[i].reshape(()) for i in tensors]).double().tolist()
         for i, v in zip(tensors, host, strict=True):
             out[i] = v
     return [float(v) for v in out]

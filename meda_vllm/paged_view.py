@@ -7,6 +7,13 @@ on first use, and dense ``[H_kv, N, D]`` copies of K and V are made only if a po
 for ``view.keys``/``view.values`` (none does when the kernels provide scores, entropy and
 merging). With ``fast=False`` (the CPU production path) K and V are gathered once into
 dense tensors and the core computes everything from them with plain torch.
+
+Layer sets (fast path, every layer with one layout): the kernels take all layers' caches
+at once (``meda_vllm.kernels.CacheSet``), so window scores and MEDA's entropies are
+computed for all layers in one launch each and shared by the per-layer views, and
+selection, merging and compaction run once over a view that stacks every layer's heads
+(``compress(layer_set=...)``): a constant number of launches per request instead of a
+few dozen per layer.
 """
 
 from __future__ import annotations
@@ -32,9 +39,11 @@ from meda_vllm.modality import entropy_query_positions
 from meda_vllm.selection import rows_for_positions
 from meda_vllm.types import CompressionPlan, LayerView, check_query_positions
 
+Caches = Tensor | Sequence[Tensor]
+
 
 def paged_layer_view(
-    cache: Tensor,
+    cache: Caches,
     layout: PagedKVLayout,
     row: Tensor,
     n: int,
@@ -46,27 +55,33 @@ def paged_layer_view(
     score_sel: Tensor | None = None,
     entropy_sel: Tensor | None = None,
     entropy_causal: bool = False,
+    scores: Callable[[], Tensor] | None = None,
+    entropy: Callable[[], Tensor] | None = None,
 ) -> LayerView:
-    """The :class:`LayerView` of one layer whose first ``n`` tokens live in pages ``row``.
+    """The :class:`LayerView` of one layer whose first ``n`` tokens live in pages ``row``
+    (or, fast path, of a layer set: ``cache`` a sequence of ``L`` layer caches, heads
+    layer-major, ``queries [L * H, R, D]``).
 
     ``queries [H, R, D]`` captured rows at ``query_pos [R]``. Fast path only:
     ``score_sel`` indexes the rows the window scores sum over (``compress.score_rows``);
-    ``entropy_sel`` the rows of MEDA's entropy sample (None: no entropy override).
+    ``entropy_sel`` the rows of MEDA's entropy sample (None: no entropy override);
+    ``scores``/``entropy``: callables that provide them instead (shared computations).
     """
     if not fast:
         keys, values = gather_kv(cache, layout, row, n, backend="torch")
         return LayerView(keys=keys, values=values, queries=queries, query_pos=query_pos, vis=vis)
+    heads = layout.num_kv_heads * (1 if isinstance(cache, Tensor) else len(cache))
 
     @functools.cache
     def dense() -> tuple[Tensor, Tensor]:
         return gather_kv(cache, layout, row, n)
 
-    def scores() -> Tensor:
+    def window_scores() -> Tensor:
         sel = score_sel if score_sel is not None else torch.arange(queries.shape[1])
         sel = sel.to(query_pos.device)
         return paged_window_scores(queries[:, sel], query_pos[sel], cache, layout, row, n)
 
-    def entropy() -> Tensor:  # 0-d: MEDA reads all layers' values with one host copy
+    def layer_entropy() -> Tensor:  # 0-d: MEDA reads all layers' values with one host copy
         e = paged_cross_modal_entropy(
             queries[:, entropy_sel],
             query_pos[entropy_sel],
@@ -79,6 +94,9 @@ def paged_layer_view(
         )
         return e.sum()
 
+    if entropy is None and entropy_sel is not None and vis is not None:
+        entropy = layer_entropy
+
     def merge(kept: Tensor, mode: str, weights: Tensor | None):
         w = merge_weights(weights) if mode == "weighted" else None
         return paged_merge(cache, layout, row, n, kept.contiguous(), mode, w)
@@ -89,9 +107,9 @@ def paged_layer_view(
         queries=queries,
         query_pos=query_pos,
         vis=vis,
-        window_scores=scores,
-        entropy=entropy if entropy_sel is not None and vis is not None else None,
-        shape=(layout.num_kv_heads, n, layout.head_size),
+        window_scores=scores or window_scores,
+        entropy=entropy if vis is not None else None,
+        shape=(heads, n, layout.head_size),
         merge=merge,
     )
 
@@ -107,6 +125,7 @@ def plan_paged_request(
     cfg: KVPolicyConfig,
     *,
     fast: bool,
+    layer_sets: bool = True,
 ) -> CompressionPlan | None:
     """Plan one request's compression straight from its pages (what the worker runs).
 
@@ -115,6 +134,8 @@ def plan_paged_request(
     captured query rows ``[H, R, D]`` at ``query_pos [R]``
     (``compress.required_query_positions``). One physical length for all layers
     (``pad_to="max"``, phase 1 of docs/INTEGRATION.md). None: nothing to evict.
+    ``layer_sets``: on the fast path, treat all layers as one set when they share a
+    layout (the default; False plans layer by layer, the same plan with more launches).
     """
     # Row selections from one host copy of the positions (checked once here, not in every
     # layer's view): on a GPU each would otherwise synchronise.
@@ -125,28 +146,64 @@ def plan_paged_request(
     if fast and cfg.kv_policy == "meda" and vis is not None:
         wanted = entropy_query_positions(n, vis, cfg.kv_window, cfg.kv_meda_visual_stride)
         entropy_sel = rows_for_positions(pos, wanted).to(query_pos.device)
+    num_layers = len(caches)
+    common = {"fast": fast, "entropy_causal": cfg.kv_meda_entropy_causal}
+    shared = fast and layer_sets and _one_layout(caches, layouts)
+    if shared:
+        layout, heads = layouts[0], layouts[0].num_kv_heads
+
+        @functools.cache
+        def set_queries() -> Tensor:  # [L * H, R, D], layer-major
+            return torch.cat([query_rows(layer) for layer in range(num_layers)])
+
+        @functools.cache
+        def set_view() -> LayerView:
+            return paged_layer_view(
+                list(caches), layout, row, n, set_queries(), query_pos, vis,
+                score_sel=score_sel, **common,
+            )  # fmt: skip
+
+        @functools.cache
+        def set_entropy() -> Tensor:  # [L]
+            e = paged_cross_modal_entropy(
+                set_queries()[:, entropy_sel], query_pos[entropy_sel], list(caches), layout,
+                row, n, vis, causal=cfg.kv_meda_entropy_causal,
+            )  # fmt: skip
+            return e.sum(-1)
 
     def get_view(layer: int) -> LayerView:
+        overrides = {}
+        if shared:
+            lo = layer * heads
+            overrides["scores"] = lambda: set_view().window_scores[lo : lo + heads]
+            if entropy_sel is not None:
+                overrides["entropy"] = lambda: set_entropy()[layer]
         return paged_layer_view(
-            caches[layer],
-            layouts[layer],
-            row,
-            n,
-            query_rows(layer),
-            query_pos,
-            vis,
-            fast=fast,
-            score_sel=score_sel,
-            entropy_sel=entropy_sel,
-            entropy_causal=cfg.kv_meda_entropy_causal,
-        )
+            caches[layer], layouts[layer], row, n, query_rows(layer), query_pos, vis,
+            score_sel=score_sel, entropy_sel=entropy_sel, **common, **overrides,
+        )  # fmt: skip
 
-    return compress(get_view, len(caches), cfg, n, pad_to="max")
+    layer_set = set_view if shared else None
+    return compress(get_view, num_layers, cfg, n, pad_to="max", layer_set=layer_set)
+
+
+def _one_layout(caches: Sequence[Tensor], layouts: Sequence[PagedKVLayout]) -> bool:
+    """Whether every layer's cache can join one ``CacheSet`` (one layout, dtype, shape)."""
+    first = caches[0]
+    return all(lay == layouts[0] for lay in layouts) and all(
+        c.dtype == first.dtype and c.shape == first.shape and c.device == first.device
+        for c in caches
+    )
 
 
 def apply_plan(
     caches: Sequence[Tensor], layouts: Sequence[PagedKVLayout], row: Tensor, plan: CompressionPlan
 ) -> None:
-    """Compact every layer in place: its kept (or merged) tokens move to slots ``[0, P)``."""
+    """Compact every layer in place: its kept (or merged) tokens move to slots ``[0, P)``
+    (a plan made from a layer set: all layers in one launch)."""
+    if plan.stacked is not None:
+        st = plan.stacked
+        compact_(list(caches), layouts[0], row, st.kept, st.keys, st.values)
+        return
     for layer, lp in enumerate(plan.layers):
         compact_(caches[layer], layouts[layer], row, lp.kept, lp.keys, lp.values)

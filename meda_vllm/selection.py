@@ -125,6 +125,39 @@ def topk_with_forced(score: Tensor, k: int, forced: Tensor | None = None) -> Ten
     return take_best(rank_positions(score, tier=tier), k)
 
 
+def host_values(values: list[int], device: torch.device | str) -> Tensor:
+    """A small int64 tensor of host values on ``device``; on a GPU through pinned memory,
+    so the copy is queued on the stream instead of waiting for the GPU to drain."""
+    t = torch.tensor(values, dtype=torch.int64)
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def tier_rows(n: int, specs, vis: Tensor | None, device: torch.device | str) -> Tensor:
+    """``[L, n]`` int64 forced-keep tiers of ``L`` layers from their ``TierSpec``s (counts):
+    2 for the last ``recent`` positions, else 1 for the first ``first`` positions and (with
+    ``text_first``) the text positions (``~vis``), else 0. Without a tier-1 set the recent
+    positions are 1. A few elementwise ops for all layers together, no host sync."""
+    pos = torch.arange(n, device=device)
+    text_first = {s.text_first for s in specs}
+    if len(text_first) != 1:
+        raise ValueError("the layers of a set must agree on text_first")
+    text = ~vis.to(device) if text_first.pop() and vis is not None else None
+    has_first = any(s.first > 0 for s in specs)
+    if len(specs) == 1:
+        recent = (pos >= n - specs[0].recent)[None, :]
+        first = (pos < specs[0].first)[None, :] if has_first else None
+    else:
+        recent = pos[None, :] >= n - host_values([s.recent for s in specs], device)[:, None]
+        first = pos[None, :] < host_values([s.first for s in specs], device)[:, None]
+        first = first if has_first else None
+    second = first if text is None else (text[None, :] if first is None else first | text)
+    if second is None:
+        return recent.to(torch.int64)
+    return torch.where(recent, 2, second.to(torch.int64))
+
+
 def recent_mask(n: int, count: int, device: torch.device | str | None = None) -> Tensor:
     """``[n]`` bool, True for the last ``min(count, n)`` positions."""
     mask = torch.zeros(n, dtype=torch.bool, device=device)

@@ -207,6 +207,9 @@ class CompressionPlan:
     fallback: str | None
     entropy: list[float] | None
     layer_budgets: list[int]
+    #: the plan of all layers at once (heads layer-major, ``[L * H_kv, P]``) when it was
+    #: made from a layer set (``compress(layer_set=...)``); ``layers`` are views of it
+    stacked: LayerPlan | None = None
 
     @property
     def kept_tokens(self) -> int:

@@ -41,6 +41,8 @@ MODELS = {
     "qwen2-vl-7b": (28, 28, 4, 128, 3584, 18944),
 }
 QUICK_MODELS = {"tiny-gqa": (2, 4, 2, 32, 128, 256)}
+# --count --quick also counts a deeper model: the counts must not depend on the depth
+QUICK_COUNT_MODELS = {**QUICK_MODELS, "tiny-gqa-8": (8, 4, 2, 32, 128, 256)}
 BLOCK_SIZE = 16
 BUDGET = 0.2
 
@@ -159,7 +161,8 @@ NO_LAUNCH = {
     "aten.permute", "aten.as_strided", "aten.alias", "aten.select", "aten.lift_fresh",
     "aten._local_scalar_dense", "aten.t", "aten.transpose", "aten.detach",
     "aten._unsafe_view", "aten.reshape", "aten.min", "aten.max", "aten.empty",
-    "aten.empty_like", "aten.empty_strided",
+    "aten.empty_like", "aten.empty_strided", "aten.split", "aten.split_with_sizes",
+    "aten.chunk", "aten.unbind",
 }  # fmt: skip
 
 
@@ -183,10 +186,11 @@ def count_launches(model, n, policy) -> dict:
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             name = str(func.overloadpacket)
-            if not self.paused:
-                self.ops[name] += 1
-                if name in SYNCING and not _in_cpu_only_check():
-                    self.syncs += 1
+            if self.paused or not (name in SYNCING or name not in NO_LAUNCH):
+                return func(*args, **(kwargs or {}))
+            if not _in_cpu_only_check():
+                self.syncs += name in SYNCING
+                self.ops[name] += name not in NO_LAUNCH
             return func(*args, **(kwargs or {}))
 
     layers, h, h_kv, d, _, _ = model
@@ -223,8 +227,10 @@ def count_launches(model, n, policy) -> dict:
             os.environ.pop("MEDA_KERNELS")
         else:
             os.environ["MEDA_KERNELS"] = previous
-    torch_ops = sum(v for k, v in count.ops.items() if k not in NO_LAUNCH)
+    torch_ops = sum(count.ops.values())
     return dict(
+        triton=len(launches),
+        torch_ops=torch_ops,
         triton_per_layer=len(launches) / layers,
         torch_ops_per_layer=torch_ops / layers,
         host_syncs=count.syncs,
@@ -259,20 +265,21 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--count",
         action="store_true",
-        help="count the launches per layer the GPU path makes (runs on CPU, no timing)",
+        help="count the launches per request the GPU path makes (runs on CPU, no timing)",
     )
     args = ap.parse_args(argv)
     if args.count:
         sizes = [int(x) for x in args.sizes.split(",")] if args.sizes else [2048]
-        models = QUICK_MODELS if args.quick else MODELS
+        models = QUICK_COUNT_MODELS if args.quick else MODELS
         for name, model in models.items():
             for n in sizes:
                 for policy in [p for p in args.policies.split(",") if p]:
                     c = count_launches(model, n, policy)
                     print(
-                        f"{name} N={n} {policy:10s} per layer: {c['triton_per_layer']:.0f} "
-                        f"Triton launches, ~{c['torch_ops_per_layer']:.0f} torch kernel ops;"
-                        f" per request: {c['host_syncs']} host syncs"
+                        f"{name} ({model[0]} layers) N={n} {policy:10s} per request: "
+                        f"{c['triton']} Triton launches, ~{c['torch_ops']} torch kernel ops, "
+                        f"{c['host_syncs']} host syncs (per layer: "
+                        f"{c['triton_per_layer']:.2f} + ~{c['torch_ops_per_layer']:.1f})"
                     )
         return 0
     if args.quick:

@@ -9,7 +9,7 @@ budget over layers (``layer_budgets``). Ranking, padding and merging live in
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -18,7 +18,7 @@ from torch import Tensor
 
 from meda_vllm.budgets import LayerBudgets, uniform_budgets
 from meda_vllm.config import KVPolicyConfig
-from meda_vllm.selection import pool_scores, recent_mask, window_scores
+from meda_vllm.selection import pool_scores, recent_mask, tier_rows, window_scores
 from meda_vllm.types import LayerView
 
 GetView = Callable[[int], LayerView]
@@ -40,12 +40,27 @@ class Ranking:
 
 
 @dataclass(frozen=True)
+class TierSpec:
+    """One layer's forced-keep tiers as counts (host ints): the last ``recent`` positions
+    rank first (tier 2); then (tier 1) the first ``first`` positions and, with
+    ``text_first``, the text positions; everything else is tier 0 (``selection.tier_rows``)."""
+
+    recent: int
+    first: int = 0
+    text_first: bool = False
+
+
+@dataclass(frozen=True)
 class Policy:
     name: ClassVar[str] = ""
     default_merge: ClassVar[str] = "none"
     evicts: ClassVar[bool] = True
     # Whether kv_pooling applies; H2O, LOOK-M and StreamingLLM rank unpooled scores.
     pooled: ClassVar[bool] = True
+    # Whether ``ranking`` accepts a layer set: a view of several layers' heads stacked
+    # (``[L * H_kv, N]``) with one budget per layer, ranked in one pass (the engine's fast
+    # path, ``compress(layer_set=...)``). False for policies with their own ``ranking``.
+    stackable: ClassVar[bool] = True
 
     window: int = 32
     pooling: str = "max"
@@ -91,11 +106,22 @@ class Policy:
         """``[N]`` bool: the last ``min(w, budget)`` positions, always kept."""
         return recent_mask(view.N, min(self.window, budget), view.device)
 
-    def tiers(self, view: LayerView, budget: int) -> Tensor | None:
-        """Forced-keep tiers for a layer budget of ``budget`` (default: the window)."""
-        return self.protected_window(view, budget).to(torch.int64)
+    def tier_spec(self, n: int, budget: int) -> TierSpec:
+        """Forced-keep tiers of a layer with budget ``budget`` (default: the window)."""
+        return TierSpec(recent=min(self.window, budget))
 
-    def ranking(self, view: LayerView, budget: int) -> Ranking:
+    def tiers(self, view: LayerView, budget: int | Sequence[int]) -> Tensor | None:
+        """``[N]`` int64 tiers for one budget; for a layer set (one budget per layer, the
+        view's heads layer-major) ``[H_kv, N]``, each head with its layer's tiers."""
+        if isinstance(budget, int):
+            return tier_rows(view.N, [self.tier_spec(view.N, budget)], view.vis, view.device)[0]
+        specs = [self.tier_spec(view.N, b) for b in budget]
+        if len(set(specs)) == 1:  # uniform budgets: one row serves every head
+            return tier_rows(view.N, specs[:1], view.vis, view.device)[0]
+        rows = tier_rows(view.N, specs, view.vis, view.device)  # [L, N]
+        return rows.repeat_interleave(view.H_kv // len(specs), dim=0)
+
+    def ranking(self, view: LayerView, budget: int | Sequence[int]) -> Ranking:
         raw = self.raw_score(view)
         return Ranking(
             score=pool_scores(raw, self.pooling, self.pool_kernel),

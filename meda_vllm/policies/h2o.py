@@ -6,13 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-from torch import Tensor
-
 from meda_vllm.config import KVPolicyConfig
-from meda_vllm.policies.base import Policy
-from meda_vllm.selection import recent_mask
-from meda_vllm.types import LayerView
+from meda_vllm.policies.base import Policy, TierSpec
 
 
 @dataclass(frozen=True)
@@ -29,6 +24,5 @@ class H2OPolicy(Policy):
     def score_rows(self, n: int) -> int:
         return min(self.max_queries, n)
 
-    def tiers(self, view: LayerView, budget: int) -> Tensor:
-        recent = max(min(self.window, budget), budget // 2)
-        return recent_mask(view.N, recent, view.device).to(torch.int64)
+    def tier_spec(self, n: int, budget: int) -> TierSpec:
+        return TierSpec(recent=max(min(self.window, budget), budget // 2))

@@ -9,13 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-from torch import Tensor
-
 from meda_vllm.config import KVPolicyConfig
-from meda_vllm.policies.base import Policy
-from meda_vllm.selection import recent_mask
-from meda_vllm.types import LayerView
+from meda_vllm.policies.base import Policy, TierSpec
 
 
 @dataclass(frozen=True)
@@ -35,11 +30,7 @@ class LookMPolicy(Policy):
             "topk_ratio": cfg.kv_lookm_topk_ratio,
         }
 
-    def tiers(self, view: LayerView, budget: int) -> Tensor:
+    def tier_spec(self, n: int, budget: int) -> TierSpec:
         share = self.recent_ratio / (self.recent_ratio + self.topk_ratio)
         recent = max(min(self.window, budget), round(share * budget))
-        tier = 2 * recent_mask(view.N, recent, view.device).to(torch.int64)
-        if view.vis is not None:
-            text = ~view.vis.to(tier.device)
-            tier = torch.where(tier == 0, text.to(torch.int64), tier)
-        return tier
+        return TierSpec(recent=recent, text_first=True)

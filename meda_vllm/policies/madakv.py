@@ -40,6 +40,7 @@ def modality_quotas(psi: Tensor, vis: Tensor, forced: Tensor, budget: int) -> Te
 @dataclass(frozen=True)
 class MadaKVPolicy(Policy):
     name = "madakv"
+    stackable = False  # per-head quotas from host values: ranked layer by layer
 
     theta: float = 0.95
 

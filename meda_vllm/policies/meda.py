@@ -14,9 +14,7 @@ from meda_vllm.budgets import LayerBudgets, entropy_budgets, uniform_budgets
 from meda_vllm.config import KVPolicyConfig
 from meda_vllm.entropy import layer_entropy_value, to_host_floats
 from meda_vllm.modality import entropy_query_positions
-from meda_vllm.policies.base import GetView, Policy
-from meda_vllm.selection import recent_mask
-from meda_vllm.types import LayerView
+from meda_vllm.policies.base import GetView, Policy, TierSpec
 
 
 @dataclass(frozen=True)
@@ -44,14 +42,10 @@ class MEDAPolicy(Policy):
         sampled = entropy_query_positions(n, vis, self.window, self.visual_stride)
         return torch.unique(torch.cat([window, sampled]))
 
-    def tiers(self, view: LayerView, budget: int) -> Tensor:
+    def tier_spec(self, n: int, budget: int) -> TierSpec:
         # Recent window M (at least the observation window), then text before vision.
         recent = max(min(self.window, budget), round(self.recent_fraction * budget))
-        tier = 2 * recent_mask(view.N, recent, view.device).to(torch.int64)
-        if view.vis is not None:
-            text = ~view.vis.to(tier.device)
-            tier = torch.where(tier == 0, text.to(torch.int64), tier)
-        return tier
+        return TierSpec(recent=recent, text_first=True)
 
     def layer_budgets(
         self, get_view: GetView, num_layers: int, n: int, budget: int

@@ -9,8 +9,7 @@ import torch
 from torch import Tensor
 
 from meda_vllm.config import KVPolicyConfig
-from meda_vllm.policies.base import Policy
-from meda_vllm.selection import first_mask
+from meda_vllm.policies.base import Policy, TierSpec
 from meda_vllm.types import LayerView
 
 
@@ -30,8 +29,7 @@ class StreamingLLMPolicy(Policy):
         pos = torch.arange(view.N, dtype=torch.float32, device=view.device)
         return pos.expand(view.H_kv, view.N)
 
-    def tiers(self, view: LayerView, budget: int) -> Tensor:
-        window = self.protected_window(view, budget)
+    def tier_spec(self, n: int, budget: int) -> TierSpec:
         # The window comes first; sinks take what is left of the budget.
-        sinks = first_mask(view.N, min(self.sink_tokens, budget - int(window.sum())), window.device)
-        return 2 * window.to(torch.int64) + (sinks & ~window).to(torch.int64)
+        window = max(0, min(self.window, budget, n))
+        return TierSpec(recent=window, first=min(self.sink_tokens, budget - window))
