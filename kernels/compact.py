@@ -53,6 +53,7 @@ def _write_kernel(
     v_token_stride,
     v_dim_stride,
     BLOCK_SIZE: tl.constexpr,
+    HEAD_ALIGN: tl.constexpr,
     HEAD_SIZE: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -78,7 +79,9 @@ def _write_kernel(
         + offs_d[None, :] * src_v_stride_d,
         mask=mask,
     )
-    base, slot = page_slots(row_ptr, tok, mask_t, head, block_stride, head_off_ptr, BLOCK_SIZE)
+    base, slot = page_slots(
+        row_ptr, tok, mask_t, head, block_stride, head_off_ptr, BLOCK_SIZE, HEAD_ALIGN
+    )
     k_addr, v_addr = kv_offsets(
         base, slot, offs_d,
         k_offset, k_token_stride, k_dim_stride, v_offset, v_token_stride, v_dim_stride,
@@ -103,6 +106,7 @@ def _launch_write(caches: CacheSet, row, src_k, src_v):
         *src_v.stride(),
         *layout.kv_args(caches.head_offsets),
         BLOCK_SIZE=layout.block_size,
+        HEAD_ALIGN=caches.head_align,
         HEAD_SIZE=d,
         BLOCK_T=block_t,
         BLOCK_D=triton.next_power_of_2(d),

@@ -61,6 +61,7 @@ def _entropy_partial_kernel(
     GROUP: tl.constexpr,
     CAUSAL: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
+    HEAD_ALIGN: tl.constexpr,
     HEAD_SIZE: tl.constexpr,
     DOT_FP32: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -94,7 +95,8 @@ def _entropy_partial_kernel(
             mask_n = keys < key_hi
             k = load_k_tile(
                 cache_ptr, row_ptr, keys, mask_n, head, offs_d, mask_d,
-                block_stride, head_off_ptr, k_offset, k_token_stride, k_dim_stride, BLOCK_SIZE,
+                block_stride, head_off_ptr, k_offset, k_token_stride, k_dim_stride,
+                BLOCK_SIZE, HEAD_ALIGN,
             )  # fmt: skip
             key_vis = tl.load(vis_ptr + keys, mask=mask_n, other=0) != 0
             if DOT_FP32:
@@ -222,6 +224,7 @@ def _launch(q, q_pos, caches: CacheSet, row, n, vis, scale, causal, group):
         GROUP=group,
         CAUSAL=bool(causal),
         BLOCK_SIZE=layout.block_size,
+        HEAD_ALIGN=caches.head_align,
         HEAD_SIZE=d,
         DOT_FP32=dot_fp32,
         BLOCK_R=block_r,

@@ -39,6 +39,7 @@ def _gather_kernel(
     out_stride_h,
     out_stride_t,
     BLOCK_SIZE: tl.constexpr,
+    HEAD_ALIGN: tl.constexpr,
     HEAD_SIZE: tl.constexpr,
     HAS_POS: tl.constexpr,
     BLOCK_T: tl.constexpr,
@@ -52,7 +53,9 @@ def _gather_kernel(
         tok = tl.load(pos_ptr + head * pos_stride_h + offs_t, mask=mask_t, other=0).to(tl.int64)
     else:
         tok = offs_t.to(tl.int64)
-    base, slot = page_slots(row_ptr, tok, mask_t, head, block_stride, head_off_ptr, BLOCK_SIZE)
+    base, slot = page_slots(
+        row_ptr, tok, mask_t, head, block_stride, head_off_ptr, BLOCK_SIZE, HEAD_ALIGN
+    )
     offs_d = tl.arange(0, BLOCK_D)
     mask = mask_t[:, None] & (offs_d < HEAD_SIZE)[None, :]
     k_addr, v_addr = kv_offsets(
@@ -93,6 +96,7 @@ def _launch(caches: CacheSet, row, positions, num_tokens: int):
         out_k.stride(0),
         out_k.stride(1),
         BLOCK_SIZE=layout.block_size,
+        HEAD_ALIGN=caches.head_align,
         HEAD_SIZE=d,
         HAS_POS=has_pos,
         BLOCK_T=block_t,

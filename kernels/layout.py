@@ -194,11 +194,18 @@ class CacheSet:
     @property
     def head_offsets(self) -> torch.Tensor:
         """int64 ``[num_heads]`` on the cache's device (made once per set of pointers)."""
+        return _head_offsets(self._key())[0]
+
+    @property
+    def head_align(self) -> int:
+        """16 when every head offset is a multiple of 16 elements, else 1 (the kernels'
+        ``HEAD_ALIGN``: what the compiler may assume of them)."""
+        return _head_offsets(self._key())[1]
+
+    def _key(self):
         ptrs = tuple(t.data_ptr() for t in self.tensors)
-        return _head_offsets(
-            ptrs, self.base.element_size(), self.layout.num_kv_heads, self.layout.head_stride,
-            str(self.device),
-        )  # fmt: skip
+        lay = self.layout
+        return ptrs, self.base.element_size(), lay.num_kv_heads, lay.head_stride, str(self.device)
 
     def split(self, t: torch.Tensor | None) -> list[torch.Tensor | None]:
         """A head-major tensor ``[L * H_kv, ...]`` as ``L`` per-layer ``[H_kv, ...]`` views."""
@@ -208,16 +215,18 @@ class CacheSet:
 
 
 @functools.lru_cache(maxsize=256)
-def _head_offsets(ptrs, elem: int, h_kv: int, head_stride: int, device: str) -> torch.Tensor:
+def _head_offsets(key) -> tuple[torch.Tensor, int]:
     # Pointers, not tensors, are the key: a cache is allocated once per server, so on a
     # GPU the host-to-device copy (a synchronisation) happens at the first request only.
+    ptrs, elem, h_kv, head_stride, device = key
     offsets = []
     for p in ptrs:
         delta = p - ptrs[0]
         if delta % elem:
             raise ValueError("layer caches must be aligned to their element size")
         offsets.extend(delta // elem + h * head_stride for h in range(h_kv))
-    return torch.tensor(offsets, dtype=torch.int64, device=device)
+    align = 16 if all(o % 16 == 0 for o in offsets) else 1
+    return torch.tensor(offsets, dtype=torch.int64, device=device), align
 
 
 def check_caches(cache: torch.Tensor | Sequence[torch.Tensor], layout: PagedKVLayout) -> CacheSet:

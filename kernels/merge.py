@@ -59,6 +59,7 @@ def _match_kernel(
     k_token_stride,
     k_dim_stride,
     BLOCK_SIZE: tl.constexpr,
+    HEAD_ALIGN: tl.constexpr,
     HEAD_SIZE: tl.constexpr,
     DOT_FP32: tl.constexpr,
     BLOCK_E: tl.constexpr,
@@ -74,7 +75,8 @@ def _match_kernel(
     pos_e = tl.load(evicted_ptr + head * num_evicted + offs_e, mask=mask_e, other=0)
     k_e = load_k_tile(
         cache_ptr, row_ptr, pos_e.to(tl.int64), mask_e, head, offs_d, mask_d,
-        block_stride, head_off_ptr, k_offset, k_token_stride, k_dim_stride, BLOCK_SIZE,
+        block_stride, head_off_ptr, k_offset, k_token_stride, k_dim_stride,
+        BLOCK_SIZE, HEAD_ALIGN,
     )  # fmt: skip
     if DOT_FP32:
         k_e = k_e.to(tl.float32)
@@ -130,6 +132,7 @@ def _accumulate_kernel(
     v_token_stride,
     v_dim_stride,
     BLOCK_SIZE: tl.constexpr,
+    HEAD_ALIGN: tl.constexpr,
     HEAD_SIZE: tl.constexpr,
     WEIGHTED: tl.constexpr,
     ROUND_BF16: tl.constexpr,
@@ -159,7 +162,7 @@ def _accumulate_kernel(
             sorted_pos_ptr + head * num_evicted + start + offs_e, mask=mask_e, other=0
         ).to(tl.int64)
         base_e, slot_e = page_slots(
-            row_ptr, pos_e, mask_e, head, block_stride, head_off_ptr, BLOCK_SIZE
+            row_ptr, pos_e, mask_e, head, block_stride, head_off_ptr, BLOCK_SIZE, HEAD_ALIGN
         )
         k_addr, v_addr = kv_offsets(
             base_e, slot_e, offs_d,
@@ -251,6 +254,7 @@ def _launch_match(caches: CacheSet, row, kept_k, evicted):
         num_evicted,
         *layout.k_args(caches.head_offsets),
         BLOCK_SIZE=layout.block_size,
+        HEAD_ALIGN=caches.head_align,
         HEAD_SIZE=layout.head_size,
         DOT_FP32=dot_fp32,
         BLOCK_E=block_e,
@@ -297,6 +301,7 @@ def _launch(caches: CacheSet, row, n, kept, mode, scores):
         scores.stride(0) if weighted else 0,
         *layout.kv_args(caches.head_offsets),
         BLOCK_SIZE=layout.block_size,
+        HEAD_ALIGN=caches.head_align,
         HEAD_SIZE=d,
         WEIGHTED=weighted,
         ROUND_BF16=cache.dtype == torch.bfloat16,

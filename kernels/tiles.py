@@ -12,13 +12,28 @@ import triton.language as tl
 
 
 @triton.jit
-def page_slots(row_ptr, tok, mask, head, block_stride, head_off_ptr, BLOCK_SIZE: tl.constexpr):
+def page_slots(
+    row_ptr,
+    tok,
+    mask,
+    head,
+    block_stride,
+    head_off_ptr,
+    BLOCK_SIZE: tl.constexpr,
+    HEAD_ALIGN: tl.constexpr,
+):
     """``(base, slot)`` of tokens ``tok`` of KV head ``head``: the element offset of their
     page and head (``row[tok // bs] * block_stride + head_offsets[head]``; ``head`` indexes
     a ``CacheSet``'s heads, so it may be a head of another layer's cache) and the slot in
-    the page (``tok % bs``)."""
+    the page (``tok % bs``). ``HEAD_ALIGN``: a divisor of every head offset
+    (``CacheSet.head_align``), so that the compiler still knows the row starts' alignment
+    and vectorises the loads along the head dimension (as it did for an int head stride:
+    without it, scalar loads spilled registers)."""
     page = tl.load(row_ptr + tok // BLOCK_SIZE, mask=mask, other=0).to(tl.int64)
-    return page * block_stride + tl.load(head_off_ptr + head), tok % BLOCK_SIZE
+    off = tl.load(head_off_ptr + head)
+    if HEAD_ALIGN > 1:
+        off = tl.multiple_of(off, HEAD_ALIGN)
+    return page * block_stride + off, tok % BLOCK_SIZE
 
 
 @triton.jit
@@ -54,10 +69,13 @@ def load_k_tile(
     k_token_stride,
     k_dim_stride,
     BLOCK_SIZE: tl.constexpr,
+    HEAD_ALIGN: tl.constexpr,
 ):
     """``[T, BLOCK_D]`` keys of tokens ``tok`` (prompt positions) of KV head ``head``;
     masked rows and columns read 0."""
-    base, slot = page_slots(row_ptr, tok, mask_t, head, block_stride, head_off_ptr, BLOCK_SIZE)
+    base, slot = page_slots(
+        row_ptr, tok, mask_t, head, block_stride, head_off_ptr, BLOCK_SIZE, HEAD_ALIGN
+    )
     addr = base + k_offset + slot * k_token_stride
     return tl.load(
         cache_ptr + addr[:, None] + offs_d[None, :] * k_dim_stride,

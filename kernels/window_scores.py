@@ -54,6 +54,7 @@ def _row_stats_kernel(
     qk_scale,
     GROUP: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
+    HEAD_ALIGN: tl.constexpr,
     HEAD_SIZE: tl.constexpr,
     DOT_FP32: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -85,7 +86,8 @@ def _row_stats_kernel(
             mask_n = keys < key_hi
             k = load_k_tile(
                 cache_ptr, row_ptr, keys, mask_n, head, offs_d, mask_d,
-                block_stride, head_off_ptr, k_offset, k_token_stride, k_dim_stride, BLOCK_SIZE,
+                block_stride, head_off_ptr, k_offset, k_token_stride, k_dim_stride,
+                BLOCK_SIZE, HEAD_ALIGN,
             )  # fmt: skip
             if DOT_FP32:
                 s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
@@ -147,6 +149,7 @@ def _scores_kernel(
     inv_group,
     GROUP: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
+    HEAD_ALIGN: tl.constexpr,
     HEAD_SIZE: tl.constexpr,
     DOT_FP32: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -160,7 +163,8 @@ def _scores_kernel(
     mask_d = offs_d < HEAD_SIZE
     k = load_k_tile(
         cache_ptr, row_ptr, keys, mask_n, kv_head.to(tl.int64), offs_d, mask_d,
-        block_stride, head_off_ptr, k_offset, k_token_stride, k_dim_stride, BLOCK_SIZE,
+        block_stride, head_off_ptr, k_offset, k_token_stride, k_dim_stride,
+        BLOCK_SIZE, HEAD_ALIGN,
     )  # fmt: skip
     if DOT_FP32:  # noqa: SIM108 (explicit constexpr branches in kernels)
         k_t = tl.trans(k.to(tl.float32))
@@ -212,6 +216,7 @@ def _launch(q, q_pos, caches: CacheSet, row, n: int, scale: float, group: int):
     geometry = dict(
         GROUP=group,
         BLOCK_SIZE=layout.block_size,
+        HEAD_ALIGN=caches.head_align,
         HEAD_SIZE=d,
         DOT_FP32=dot_fp32,
         BLOCK_R=block_r,

@@ -1,6 +1,7 @@
 """The worker's whole planning path with the Triton kernels (interpreter here) gives the
 plan of its torch references, for every policy: window scores, MEDA's entropy and merging
-(average and weighted) through ``paged_view.plan_paged_request``, then compaction."""
+(average and weighted) through ``paged_view.plan_paged_request``, then compaction. The
+Triton side plans all layers as one layer set, the reference layer by layer."""
 
 import pytest
 import torch
@@ -15,26 +16,28 @@ from meda_vllm.paged_view import apply_plan, plan_paged_request  # noqa: E402
 POLICIES = ["snapkv", "pyramidkv", "meda", "madakv", "h2o", "lookm", "streamingllm"]
 
 
-def _plan(req, cfg, heads, backend, monkeypatch):
+def _plan(req, cfg, heads, backend, monkeypatch, layer_sets=True):
     monkeypatch.setenv("MEDA_KERNELS", backend)
     pos = required_query_positions(cfg, req.n, req.vis)
     rows = req.query_rows(heads, pos)
     return plan_paged_request(
-        req.caches, req.layouts, req.row, req.n, rows.__getitem__, pos, req.vis, cfg, fast=True
-    )
+        req.caches, req.layouts, req.row, req.n, rows.__getitem__, pos, req.vis, cfg,
+        fast=True, layer_sets=layer_sets,
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize("policy", POLICIES)
 def test_triton_plan_matches_the_torch_plan(policy, monkeypatch):
-    n, layers, heads, h_kv, d = 200, 2, 8, 2, 32
+    n, layers, heads, h_kv, d = 200, 3, 8, 2, 32
     req = paged_request(n, layers, h_kv, d, 16, layout="nhd", dtype=torch.float32, seed=3)
     extra = {"kv_merge": "weighted"} if policy == "lookm" else {}
     cfg = KVPolicyConfig.from_mapping(
         {"kv_policy": policy, "kv_budget": 0.3, "kv_window": 16, **extra}
     )
-    ref = _plan(req, cfg, heads, "torch", monkeypatch)
+    ref = _plan(req, cfg, heads, "torch", monkeypatch, layer_sets=False)
     got = _plan(req, cfg, heads, "triton", monkeypatch)
     assert ref is not None and got is not None
+    assert ref.stacked is None and (got.stacked is None) == (policy == "madakv")
     assert got.layer_budgets == ref.layer_budgets
     if ref.entropy is not None:
         assert got.entropy == pytest.approx(ref.entropy, rel=1e-4)

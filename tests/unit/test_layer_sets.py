@@ -1,0 +1,88 @@
+"""Layer sets in the planner: ``plan_paged_request(fast=True)`` ranks, merges and compacts
+all layers at once (one view stacking every layer's KV heads, one budget per layer). The
+plan must be exactly the per-layer plan and the dense (CPU path) plan, for every policy,
+with uniform and per-layer budgets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from meda_vllm.compress import required_query_positions
+from meda_vllm.config import KVPolicyConfig
+from meda_vllm.kernels.synthetic import paged_request
+from meda_vllm.paged_view import apply_plan, paged_layer_view, plan_paged_request
+from meda_vllm.policies import build_policy
+
+POLICIES = ["snapkv", "pyramidkv", "meda", "madakv", "h2o", "lookm", "streamingllm"]
+
+
+def _plan(req, cfg, heads, **kw):
+    pos = required_query_positions(cfg, req.n, req.vis)
+    rows = req.query_rows(heads, pos)
+    return plan_paged_request(
+        req.caches, req.layouts, req.row, req.n, rows.__getitem__, pos, req.vis, cfg, **kw
+    )
+
+
+def _request(layout):
+    return paged_request(260, 4, 2, 16, 16, layout=layout, seed=11)
+
+
+@pytest.mark.parametrize("layout", ["nhd", "cpu_vec"])
+@pytest.mark.parametrize("policy", POLICIES)
+def test_layer_set_plan_is_the_per_layer_plan(policy, layout, monkeypatch):
+    monkeypatch.setenv("MEDA_KERNELS", "torch")
+    extra = {"kv_merge": "weighted"} if policy == "meda" else {}
+    cfg = KVPolicyConfig.from_mapping(
+        {"kv_policy": policy, "kv_budget": 0.3, "kv_window": 16, **extra}
+    )
+    req = _request(layout)
+    dense = _plan(req, cfg, 4, fast=False)
+    per_layer = _plan(req, cfg, 4, fast=True, layer_sets=False)
+    stacked = _plan(req, cfg, 4, fast=True)
+    assert dense.stacked is None and per_layer.stacked is None
+    assert (stacked.stacked is not None) == build_policy(cfg).stackable
+    if policy in ("pyramidkv", "meda"):  # per-layer budgets: tiers differ between layers
+        assert len(set(stacked.layer_budgets)) > 1
+    for other in (dense, per_layer):
+        assert stacked.layer_budgets == other.layer_budgets
+        assert stacked.fallback == other.fallback
+        for a, b in zip(other.layers, stacked.layers, strict=True):
+            assert a.budget == b.budget
+            assert torch.equal(a.kept, b.kept)
+            assert (a.keys is None) == (b.keys is None)
+            if a.keys is not None:
+                torch.testing.assert_close(b.keys, a.keys, rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(b.values, a.values, rtol=1e-5, atol=1e-5)
+    if stacked.stacked is not None:  # one compaction for all layers == layer by layer
+        twin = _request(layout)
+        apply_plan(req.caches, req.layouts, req.row, stacked)
+        apply_plan(twin.caches, twin.layouts, twin.row, per_layer)
+        for x, y in zip(req.caches, twin.caches, strict=True):
+            torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("policy", ["snapkv", "meda", "h2o", "lookm", "streamingllm"])
+def test_set_tiers_are_each_layers_tiers(policy):
+    """``tiers(view, [b_0, .., b_L-1])`` gives every head its own layer's tiers."""
+    req = _request("nhd")
+    cfg = KVPolicyConfig.from_mapping({"kv_policy": policy, "kv_budget": 0.3, "kv_window": 16})
+    pol = build_policy(cfg)
+    n, budgets = req.n, [5, 40, 78, 200]
+    pos = torch.arange(n - 16, n)
+    q = torch.randn(4 * 4, 16, 16)
+    view = paged_layer_view(req.caches, req.layouts[0], req.row, n, q, pos, req.vis, fast=True)
+    assert view.H_kv == 4 * 2
+    got = pol.tiers(view, budgets)
+    assert got.shape == (8, n)
+    one = paged_layer_view(
+        req.caches[0], req.layouts[0], req.row, n, q[:4], pos, req.vis, fast=True
+    )
+    for layer, b in enumerate(budgets):
+        want = pol.tiers(one, b)
+        for head in range(2):
+            # same order (values may be scaled: only the order of tiers matters)
+            row = got[layer * 2 + head]
+            assert torch.equal(torch.argsort(row, stable=True), torch.argsort(want, stable=True))
+            assert torch.equal(row == row.max(), want == want.max())
