@@ -86,6 +86,11 @@ def test_runs_model_runner_v2_with_triton_attention(servers, name):
     complete(srv, image_request(1))  # compressed on meda-0.2: 123 prompt tokens, budget 25
     kernels = assert_gpu_path(srv, meda=name.startswith("meda"))
     print(f"{name}: interpreted Triton kernels: {kernels}")
+    if name.startswith("meda"):
+        # layer sets: one merge launch per compressed request for all layers, not per layer
+        compressed = wait_idle(srv).get("meda:requests_compressed_total", 0)
+        assert compressed >= 1
+        assert kernels["meda_vllm.kernels.merge._match_kernel"] == compressed, kernels
 
 
 def test_production_cpu_server_is_not_on_the_gpu_path(servers):
