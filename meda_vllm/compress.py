@@ -84,7 +84,12 @@ def compress(
             raise ValueError(f"layer {layer} view has {view.N} tokens, expected {n}")
         return view
 
-    alloc = policy.layer_budgets(checked_view, num_layers, n, budget)
+    set_view = layer_set() if layer_set is not None and policy.stackable else None
+    alloc = None
+    if set_view is not None:
+        alloc = policy.layer_budgets_set(set_view, num_layers, n, budget)
+    if alloc is None:
+        alloc = policy.layer_budgets(checked_view, num_layers, n, budget)
     budgets = [min(n, b) for b in alloc.budgets]
     if len(budgets) != num_layers:
         raise RuntimeError(f"{policy.name} returned {len(budgets)} budgets for {num_layers}")
@@ -93,8 +98,8 @@ def compress(
     physical = _physical_length(pad_to, budgets, n)
 
     stacked = None
-    if layer_set is not None and policy.stackable and max(budgets) <= physical < n:
-        stacked = _plan_layer_set(policy, layer_set(), n, budgets, physical)
+    if set_view is not None and max(budgets) <= physical < n:
+        stacked = _plan_layer_set(policy, set_view, n, budgets, physical)
         layers = [
             LayerPlan(kept=kept, keys=keys, values=values, budget=b)
             for kept, keys, values, b in zip(

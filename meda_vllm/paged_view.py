@@ -201,6 +201,8 @@ def apply_plan(
 ) -> None:
     """Compact every layer in place: its kept (or merged) tokens move to slots ``[0, P)``
     (a plan made from a layer set: all layers in one launch)."""
+    if all(lp.keys is None and lp.physical_tokens >= plan.n_tokens for lp in plan.layers):
+        return  # every layer keeps all N tokens in place (a layer's budget reached N)
     if plan.stacked is not None:
         st = plan.stacked
         compact_(list(caches), layouts[0], row, st.kept, st.keys, st.values)

@@ -59,7 +59,7 @@ class Policy:
     pooled: ClassVar[bool] = True
     # Whether ``ranking`` accepts a layer set: a view of several layers' heads stacked
     # (``[L * H_kv, N]``) with one budget per layer, ranked in one pass (the engine's fast
-    # path, ``compress(layer_set=...)``). False for policies with their own ``ranking``.
+    # path, ``compress(layer_set=...)``). A policy whose ``ranking`` cannot says False.
     stackable: ClassVar[bool] = True
 
     window: int = 32
@@ -137,3 +137,11 @@ class Policy:
     ) -> LayerBudgets:
         """Per-layer budgets averaging ``budget`` (default: uniform; reads no view)."""
         return LayerBudgets(uniform_budgets(num_layers, budget))
+
+    def layer_budgets_set(
+        self, view: LayerView, num_layers: int, n: int, budget: int
+    ) -> LayerBudgets | None:
+        """``layer_budgets`` from a layer set's view (all layers' heads, layer-major) when
+        that is cheaper than layer by layer, else None (the default: use ``layer_budgets``).
+        Must give exactly what ``layer_budgets`` gives."""
+        return None

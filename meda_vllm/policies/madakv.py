@@ -3,6 +3,7 @@ compensated in order over the layers (HCC). No merging by default."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,16 +12,18 @@ from torch import Tensor
 
 from meda_vllm.budgets import HCCState, LayerBudgets, modality_demand
 from meda_vllm.config import KVPolicyConfig
-from meda_vllm.policies.base import GetView, Policy, Ranking
-from meda_vllm.selection import pool_scores, rank_positions
+from meda_vllm.policies.base import GetView, Policy, Ranking, TierSpec
+from meda_vllm.selection import host_values, pool_scores, rank_positions, tier_rows
 from meda_vllm.types import LayerView
 
 
-def modality_quotas(psi: Tensor, vis: Tensor, forced: Tensor, budget: int) -> Tensor:
+def modality_quotas(psi: Tensor, vis: Tensor, forced: Tensor, budget: int | Tensor) -> Tensor:
     """``[H_kv]`` visual slots per head beyond the forced ones (the rest is text).
 
     ``phi_v = w_v / (w_v + w_t) * budget`` counts the forced visual tokens; the quotas
     are then capped by what each modality has left, the overflow going to the other.
+    ``forced``: ``[N]`` bool, or ``[H_kv, N]`` with ``budget`` ``[H_kv]`` int64 (a layer
+    set: each head with its layer's window and budget). No host synchronisation.
     """
     n = psi.shape[1]
     w_v = (psi * vis).sum(1)
@@ -28,19 +31,18 @@ def modality_quotas(psi: Tensor, vis: Tensor, forced: Tensor, budget: int) -> Te
     mass = w_v + w_t
     share = torch.where(mass > 0, w_v / mass.clamp_min(1e-30), vis.float().mean().expand_as(w_v))
     phi_v = torch.floor(share.double() * budget + 0.5).long()
-    free = budget - int(forced.sum())
-    q_v = (phi_v - int((vis & forced).sum())).clamp(0, free)
-    n_cv = int((vis & ~forced).sum())
-    n_ct = n - int(forced.sum()) - n_cv
-    q_v = q_v.clamp(max=n_cv)
-    q_v = torch.maximum(q_v, torch.full_like(q_v, free - n_ct))  # text cannot take it all
-    return q_v
+    n_forced = forced.sum(-1)
+    free = budget - n_forced
+    q_v = torch.minimum((phi_v - (vis & forced).sum(-1)).clamp_min(0), free)
+    n_cv = (vis & ~forced).sum(-1)
+    n_ct = n - n_forced - n_cv
+    q_v = torch.minimum(q_v, n_cv)
+    return torch.maximum(q_v, free - n_ct)  # text cannot take it all
 
 
 @dataclass(frozen=True)
 class MadaKVPolicy(Policy):
     name = "madakv"
-    stackable = False  # per-head quotas from host values: ranked layer by layer
 
     theta: float = 0.95
 
@@ -48,24 +50,31 @@ class MadaKVPolicy(Policy):
     def config_fields(cls, cfg: KVPolicyConfig) -> dict[str, Any]:
         return {**super().config_fields(cfg), "theta": cfg.kv_madakv_theta}
 
-    def ranking(self, view: LayerView, budget: int) -> Ranking:
+    def ranking(self, view: LayerView, budget: int | Sequence[int]) -> Ranking:
         psi = self.raw_score(view)
         score = pool_scores(psi, self.pooling, self.pool_kernel)
-        forced = self.protected_window(view, budget)
+        if isinstance(budget, int):
+            forced = self.protected_window(view, budget)
+        else:  # a layer set: every head with its layer's window and budget
+            heads = view.H_kv // len(budget)
+            specs = [TierSpec(recent=min(self.window, b)) for b in budget]
+            forced = tier_rows(view.N, specs, None, psi.device).bool()
+            forced = forced.repeat_interleave(heads, dim=0)
+            budget = host_values([b for b in budget for _ in range(heads)], psi.device)
         vis = (
             view.vis.to(psi.device)
             if view.vis is not None
             else torch.zeros(view.N, dtype=torch.bool, device=psi.device)
         )
         q_v = modality_quotas(psi, vis, forced, budget)
-        q_t = budget - int(forced.sum()) - q_v
+        q_t = budget - forced.sum(-1) - q_v
         chosen = torch.zeros(view.H_kv, view.N, dtype=torch.bool, device=psi.device)
         slot = torch.arange(view.N, device=psi.device)[None, :]
         for candidates, quota in ((vis & ~forced, q_v), (~vis & ~forced, q_t)):
             # Candidates of this modality come first in `order`, best first.
             order = rank_positions(score, tiebreak=psi, tier=candidates.to(torch.int64))
             chosen |= torch.zeros_like(chosen).scatter_(1, order, slot < quota[:, None])
-        tier = 2 * forced.to(torch.int64)[None, :] + chosen.to(torch.int64)
+        tier = 2 * forced.to(torch.int64) + chosen.to(torch.int64)
         return Ranking(score=score, tiebreak=psi, tier=tier, attention=psi)
 
     def layer_budgets(
@@ -77,4 +86,15 @@ class MadaKVPolicy(Policy):
             view = get_view(layer)
             demand = modality_demand(self.raw_score(view), view.vis, self.theta)
             hcc.spend(float(demand.double().mean()))
+        return LayerBudgets(hcc.budgets)
+
+    def layer_budgets_set(
+        self, view: LayerView, num_layers: int, n: int, budget: int
+    ) -> LayerBudgets:
+        # The demands do not depend on the budgets: all layers' in one pass and one host
+        # copy, then the sequential compensation on the host.
+        demand = modality_demand(self.raw_score(view), view.vis, self.theta)
+        hcc = HCCState(num_layers, budget, n, self.min_keep)
+        for mean in demand.view(num_layers, -1).double().mean(1).tolist():
+            hcc.spend(float(mean))
         return LayerBudgets(hcc.budgets)
