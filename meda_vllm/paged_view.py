@@ -160,7 +160,8 @@ def plan_paged_request(
         def set_view() -> LayerView:
             return paged_layer_view(
                 list(caches), layout, row, n, set_queries(), query_pos, vis,
-                score_sel=score_sel, **common,
+                score_sel=score_sel, entropy=set_entropy if entropy_sel is not None else None,
+                **common,
             )  # fmt: skip
 
         @functools.cache

@@ -48,7 +48,8 @@ class LayerView:
     ``compress.score_rows(cfg, N)`` prompt queries: ``kv_window`` for every policy but H2O,
     ``min(N, kv_h2o_max_queries)`` for H2O) of the causal softmax, mean over the GQA group,
     before pooling. ``entropy``: MEDA cross-modal entropy of this layer (a float, or a 0-d
-    tensor that MEDA copies to the host together with the other layers').
+    tensor that MEDA copies to the host together with the other layers'; for a layer
+    set's view, ``[L]``, one per layer).
     ``merge``: a :data:`Merger` that merges straight from the engine's cache (used instead
     of ``merging.merge_evicted`` on ``keys``/``values``).
 

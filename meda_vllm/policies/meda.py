@@ -15,6 +15,7 @@ from meda_vllm.config import KVPolicyConfig
 from meda_vllm.entropy import layer_entropy_value, to_host_floats
 from meda_vllm.modality import entropy_query_positions
 from meda_vllm.policies.base import GetView, Policy, TierSpec
+from meda_vllm.types import LayerView
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,20 @@ class MEDAPolicy(Policy):
             values.append(
                 layer_entropy_value(view, self.window, self.visual_stride, self.entropy_causal)
             )
-        entropy = to_host_floats(values)
+        return self._budgets(to_host_floats(values), vis, num_layers, n, budget)
+
+    def layer_budgets_set(
+        self, view: LayerView, num_layers: int, n: int, budget: int
+    ) -> LayerBudgets | None:
+        # The engine's entropies of all layers at once (``[L]``): one host copy, no views.
+        if view.entropy is None:
+            return None
+        entropy = [float(e) for e in view.entropy.double().tolist()]
+        return self._budgets(entropy, view.vis, num_layers, n, budget)
+
+    def _budgets(
+        self, entropy: list[float], vis: Tensor | None, num_layers: int, n: int, budget: int
+    ) -> LayerBudgets:
         if any(math.isnan(e) for e in entropy):
             if vis is None or not bool(vis.any()):
                 reason = "text_only"

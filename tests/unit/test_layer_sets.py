@@ -86,3 +86,21 @@ def test_set_tiers_are_each_layers_tiers(policy):
             row = got[layer * 2 + head]
             assert torch.equal(torch.argsort(row, stable=True), torch.argsort(want, stable=True))
             assert torch.equal(row == row.max(), want == want.max())
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_layer_set_plan_builds_no_per_layer_view(policy, monkeypatch):
+    """Budgets (MEDA's entropies, MadaKV's demands), ranking and merging all read the one
+    view of the layer set: no per-layer view is built (host time per layer on a GPU)."""
+    import meda_vllm.paged_view as pv
+
+    monkeypatch.setenv("MEDA_KERNELS", "torch")
+    built = []
+    real = pv.paged_layer_view
+    monkeypatch.setattr(
+        pv, "paged_layer_view", lambda cache, *a, **k: built.append(cache) or real(cache, *a, **k)
+    )
+    cfg = KVPolicyConfig.from_mapping({"kv_policy": policy, "kv_budget": 0.3, "kv_window": 16})
+    plan = _plan(_request("nhd"), cfg, 4, fast=True)
+    assert plan is not None and plan.stacked is not None
+    assert len(built) == 1 and isinstance(built[0], list) and len(built[0]) == 4
