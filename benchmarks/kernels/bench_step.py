@@ -7,10 +7,13 @@ scores, MEDA's entropy, the policy's budgets and selection in torch, paged mergi
 ``apply_plan`` (in-place compaction) — with its Python work, kernel launches and host
 synchronisations, for a whole model (all layers), timed by the wall clock. The baseline,
 measured in the same process, is the prefill of the same layers: QKV projection, causal
-attention (SDPA), output projection and the gated MLP, in bf16.
+attention (SDPA), output projection and the gated MLP, in bf16. A second baseline, same
+run: the same plan made layer by layer (``layer_sets=False``) instead of all layers at
+once.
 
     python benchmarks/kernels/bench_step.py                 # GPU: writes $OUT/bench_step.*
     python benchmarks/kernels/bench_step.py --quick         # CPU smoke test (tiny model)
+    python benchmarks/kernels/bench_step.py --count         # launches per request (CPU)
 
 Needs torch, triton, pydantic and this checkout (``meda_vllm`` importable, e.g. installed
 with ``pip install -e .`` or on ``PYTHONPATH`` with ``kernels/`` as ``meda_vllm/kernels``;
@@ -171,10 +174,11 @@ NO_LAUNCH = {
 
 
 def count_launches(model, n, policy) -> dict:
-    """Kernel launches per layer of the step as the GPU path would make them, counted on
+    """Kernel launches per request of the step as the GPU path would make them, counted on
     CPU: Triton launches recorded in their GPU configuration
     (``dispatch.recording_launches``) and the torch ops that would launch a kernel (a
-    ``TorchDispatchMode``; an upper bound: a few are the kernels' CPU-only checks)."""
+    ``TorchDispatchMode``; views and the CPU-only value checks excluded). The recorded
+    launches write nothing (zeros), so data-dependent paths may differ from a real run."""
     import collections
 
     from torch.utils._python_dispatch import TorchDispatchMode
