@@ -81,7 +81,7 @@ def paged_layer_view(
         sel = sel.to(query_pos.device)
         return paged_window_scores(queries[:, sel], query_pos[sel], cache, layout, row, n)
 
-    def layer_entropy() -> Tensor:  # 0-d: MEDA reads all layers' values with one host copy
+    def layer_entropy() -> Tensor:  # 0-d, or [L] for a layer set: MEDA copies them at once
         e = paged_cross_modal_entropy(
             queries[:, entropy_sel],
             query_pos[entropy_sel],
@@ -92,7 +92,7 @@ def paged_layer_view(
             vis,
             causal=entropy_causal,
         )
-        return e.sum()
+        return e.sum(-1)
 
     if entropy is None and entropy_sel is not None and vis is not None:
         entropy = layer_entropy
@@ -157,28 +157,19 @@ def plan_paged_request(
             return torch.cat([query_rows(layer) for layer in range(num_layers)])
 
         @functools.cache
-        def set_view() -> LayerView:
+        def set_view() -> LayerView:  # entropy: [L], window scores: [L * H_kv, N]
             return paged_layer_view(
                 list(caches), layout, row, n, set_queries(), query_pos, vis,
-                score_sel=score_sel, entropy=set_entropy if entropy_sel is not None else None,
-                **common,
+                score_sel=score_sel, entropy_sel=entropy_sel, **common,
             )  # fmt: skip
-
-        @functools.cache
-        def set_entropy() -> Tensor:  # [L]
-            e = paged_cross_modal_entropy(
-                set_queries()[:, entropy_sel], query_pos[entropy_sel], list(caches), layout,
-                row, n, vis, causal=cfg.kv_meda_entropy_causal,
-            )  # fmt: skip
-            return e.sum(-1)
 
     def get_view(layer: int) -> LayerView:
         overrides = {}
         if shared:
             lo = layer * heads
             overrides["scores"] = lambda: set_view().window_scores[lo : lo + heads]
-            if entropy_sel is not None:
-                overrides["entropy"] = lambda: set_entropy()[layer]
+            if entropy_sel is not None and vis is not None:
+                overrides["entropy"] = lambda: set_view().entropy[layer]
         return paged_layer_view(
             caches[layer], layouts[layer], row, n, query_rows(layer), query_pos, vis,
             score_sel=score_sel, entropy_sel=entropy_sel, **common, **overrides,

@@ -185,13 +185,14 @@ class LayerPlan:
     ``kept``: ``[H_kv, P]`` ascending original positions (same count for every KV head).
     ``keys``/``values``: ``[H_kv, P, D]`` merged entries to write in the kept slots, or
     None when the kept entries are written unchanged. ``budget``: the layer's logical
-    budget ``S_l``; ``P >= S_l`` when the plan was padded to a common physical length.
+    budget ``S_l``; ``P >= S_l`` when the plan was padded to a common physical length
+    (``CompressionPlan.stacked``, the plan of a layer set: one budget per layer, a list).
     """
 
     kept: Tensor
     keys: Tensor | None
     values: Tensor | None
-    budget: int
+    budget: int | list[int]
 
     @property
     def physical_tokens(self) -> int:
