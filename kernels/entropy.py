@@ -11,7 +11,9 @@ one streaming pass with
 
 which is linear in ``n`` and never stores probabilities. Rows whose restricted set is
 empty are skipped. Output ``[2]`` fp32: (mean over text rows, mean over visual rows),
-each averaged over query heads; an empty direction gives 0. ``E_l`` is their sum.
+each averaged over query heads; a direction without a row that sees a key gives NaN
+(as the core's ``entropy.cross_modal_entropy``: MEDA then falls back to uniform budgets).
+``E_l`` is their sum.
 
 Kernels: split-K partial (m, Z', T') per (KV head, key chunk, row) in base 2, then one
 small program folds the chunks, the rows and the heads. Traffic: K read once
@@ -183,8 +185,8 @@ def _entropy_combine_kernel(
     v_total = tl.sum(vis_sum, 0)
     v_count = tl.sum(vis_cnt, 0)
     out = out_ptr + 2 * layer
-    tl.store(out, tl.where(t_count > 0, t_total / tl.maximum(t_count, 1.0), 0.0))
-    tl.store(out + 1, tl.where(v_count > 0, v_total / tl.maximum(v_count, 1.0), 0.0))
+    tl.store(out, tl.where(t_count > 0, t_total / tl.maximum(t_count, 1.0), float("nan")))
+    tl.store(out + 1, tl.where(v_count > 0, v_total / tl.maximum(v_count, 1.0), float("nan")))
 
 
 def _launch(q, q_pos, caches: CacheSet, row, n, vis, scale, causal, group):
@@ -192,7 +194,7 @@ def _launch(q, q_pos, caches: CacheSet, row, n, vis, scale, causal, group):
     cache, layout = caches.base, caches.layout
     h_kv, d = caches.num_heads, layout.head_size
     device = cache.device
-    out = torch.zeros((caches.num_layers, 2), dtype=torch.float32, device=device)
+    out = torch.full((caches.num_layers, 2), float("nan"), dtype=torch.float32, device=device)
     rows = q.shape[1]
     group_rows = group * rows
     if n == 0 or rows == 0:
@@ -257,7 +259,7 @@ def paged_cross_modal_entropy_reference(
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     heads, rows, _ = q.shape
     group = heads // h_kv
-    out = torch.zeros(2, dtype=torch.float32, device=cache.device)
+    out = torch.full((2,), float("nan"), dtype=torch.float32, device=cache.device)
     if n == 0 or rows == 0:
         return out
     k = gather_pages_reference(layout.k_view(cache), layout, row, n).float()
@@ -281,7 +283,7 @@ def paged_cross_modal_entropy_reference(
         for direction, rows_mask in enumerate((valid & ~row_vis, valid & row_vis)):
             sums[direction] += ent[:, :, rows_mask].double().sum()
             counts[direction] += float(rows_mask.sum()) * heads
-    return torch.where(counts > 0, sums / counts.clamp(min=1), 0.0).float()
+    return torch.where(counts > 0, sums / counts.clamp(min=1), float("nan")).float()
 
 
 # ---------------------------------------------------------------------- public op

@@ -104,3 +104,42 @@ def test_layer_set_plan_builds_no_per_layer_view(policy, monkeypatch):
     plan = _plan(_request("nhd"), cfg, 4, fast=True)
     assert plan is not None and plan.stacked is not None
     assert len(built) == 1 and isinstance(built[0], list) and len(built[0]) == 4
+
+
+@pytest.mark.parametrize("modality", ["text_only", "all_visual"])
+@pytest.mark.parametrize("policy", ["meda", "madakv", "lookm"])
+def test_layer_set_plan_without_cross_modal_rows(policy, modality, monkeypatch):
+    """Text-only and vision-only prompts (MEDA falls back to uniform budgets) plan the
+    same on a layer set as layer by layer and as the dense path."""
+    monkeypatch.setenv("MEDA_KERNELS", "torch")
+    req = _request("nhd")
+    req.vis = None if modality == "text_only" else torch.ones(req.n, dtype=torch.bool)
+    cfg = KVPolicyConfig.from_mapping({"kv_policy": policy, "kv_budget": 0.3, "kv_window": 16})
+    plans = [
+        _plan(req, cfg, 4, fast=False),
+        _plan(req, cfg, 4, fast=True, layer_sets=False),
+        _plan(req, cfg, 4, fast=True),
+    ]
+    assert plans[2].stacked is not None
+    for other in plans[:2]:
+        assert other.layer_budgets == plans[2].layer_budgets
+        assert other.fallback == plans[2].fallback
+        for a, b in zip(other.layers, plans[2].layers, strict=True):
+            assert torch.equal(a.kept, b.kept)
+
+
+def test_layers_of_different_layouts_are_planned_one_by_one(monkeypatch):
+    """A model whose layers differ (e.g. another head count or dtype per layer) cannot be
+    one cache set: the planner falls back to layer by layer."""
+    monkeypatch.setenv("MEDA_KERNELS", "torch")
+    req = _request("nhd")
+    req.caches[1] = req.caches[1].double().float().clone()  # same values, own strides
+    req.caches[1] = req.caches[1].contiguous()  # [nb, H, bs, 2D]: another layout
+    req.layouts[1] = type(req.layouts[1]).from_logical(req.caches[1])
+    cfg = KVPolicyConfig.from_mapping({"kv_policy": "snapkv", "kv_budget": 0.3, "kv_window": 16})
+    mixed = _plan(req, cfg, 4, fast=True)
+    assert mixed.stacked is None
+    same = _plan(_request("nhd"), cfg, 4, fast=True)
+    assert same.stacked is not None
+    for a, b in zip(mixed.layers, same.layers, strict=True):
+        assert torch.equal(a.kept, b.kept)
