@@ -194,11 +194,11 @@ def _launch(q, q_pos, caches: CacheSet, row, n, vis, scale, causal, group):
     cache, layout = caches.base, caches.layout
     h_kv, d = caches.num_heads, layout.head_size
     device = cache.device
-    out = torch.full((caches.num_layers, 2), float("nan"), dtype=torch.float32, device=device)
     rows = q.shape[1]
     group_rows = group * rows
     if n == 0 or rows == 0:
-        return out
+        return torch.full((caches.num_layers, 2), float("nan"), dtype=torch.float32, device=device)
+    out = torch.empty((caches.num_layers, 2), dtype=torch.float32, device=device)  # all written
     vis_u8 = vis.view(torch.uint8) if vis.dtype == torch.bool else vis.to(torch.uint8)
     block_d = max(16, triton.next_power_of_2(d))
     dot_fp32 = dot_in_fp32(q.dtype, cache.dtype, device)
