@@ -100,7 +100,7 @@ def rank_positions(
 
     Order: higher ``tier`` first (forced-keep sets), then higher ``score``, then higher
     ``tiebreak`` (the raw score, so a peak beats the neighbours that pooling tied with it),
-    then the later position (recency).
+    then the later position (recency). ``tier``: small non-negative ints (< 256).
     """
     h_kv, n = score.shape
     device = score.device
@@ -108,14 +108,15 @@ def rank_positions(
     if tiebreak is not None and tiebreak is not score:  # unpooled: the same key, skip a sort
         order = _stable_desc(order, torch.nan_to_num(tiebreak.float(), nan=float("-inf")))
     order = _stable_desc(order, torch.nan_to_num(score.float(), nan=float("-inf")))
-    if tier is not None:
-        order = _stable_desc(order, tier.to(torch.int64).expand(h_kv, n))
+    if tier is not None:  # 8-bit keys: one radix pass on a GPU instead of eight for int64
+        order = _stable_desc(order, tier.to(torch.uint8).expand(h_kv, n))
     return order
 
 
 def take_best(order: Tensor, k: int) -> Tensor:
-    """The first ``k`` ranked positions, ascending."""
-    return torch.sort(order[:, :k], dim=1).values
+    """The first ``k`` ranked positions, ascending (int64)."""
+    # int32 keys: half the radix passes of an int64 sort on a GPU (positions < 2^31)
+    return torch.sort(order[:, :k].to(torch.int32), dim=1).values.to(torch.int64)
 
 
 def topk_with_forced(score: Tensor, k: int, forced: Tensor | None = None) -> Tensor:

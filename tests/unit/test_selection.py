@@ -161,3 +161,39 @@ def test_rank_positions_skips_a_tiebreak_that_is_the_score_itself():
     same = rank_positions(score, tiebreak=score, tier=tier)
     assert torch.equal(same, rank_positions(score, tiebreak=score.clone(), tier=tier))
     assert torch.equal(same, rank_positions(score, tier=tier))
+
+
+def _rank_three_sorts(score, tiebreak=None, tier=None):
+    """The ranking as three successive stable sorts (tiebreak, score, tier as int64): the
+    spec that rank_positions (8-bit tier keys) must reproduce."""
+    h, n = score.shape
+    order = torch.arange(n - 1, -1, -1).expand(h, n).contiguous()
+
+    def by(key):
+        vals = key.gather(1, order)
+        return order.gather(1, torch.sort(vals, dim=1, descending=True, stable=True).indices)
+
+    if tiebreak is not None:
+        order = by(torch.nan_to_num(tiebreak.float(), nan=float("-inf")))
+    order = by(torch.nan_to_num(score.float(), nan=float("-inf")))
+    if tier is not None:
+        order = by(tier.to(torch.int64).expand(h, n))
+    return order
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_ranking_equals_successive_int64_sorts(seed):
+    """Ties, signed zeros, infinities, NaN, negative and denormal scores, 1-D and 2-D
+    tiers: the same order as sorting by tiebreak, then score, then tier (as int64)."""
+    g = torch.Generator().manual_seed(seed)
+    special = torch.tensor(
+        [0.0, -0.0, float("inf"), -float("inf"), float("nan"), 1e-40, -1e-40, -3.5, 2.0]
+    )
+    score = special[torch.randint(0, len(special), (4, 300), generator=g)]
+    score = torch.where(torch.rand(4, 300, generator=g) < 0.5, torch.randn(4, 300), score)
+    tiebreak = torch.randint(0, 3, (4, 300), generator=g).float()
+    for tier in (None, torch.randint(0, 3, (300,), generator=g), torch.randint(0, 4, (4, 300))):
+        want = _rank_three_sorts(score, tiebreak, tier)
+        assert torch.equal(rank_positions(score, tiebreak=tiebreak, tier=tier), want)
+        want = _rank_three_sorts(score, None, tier)
+        assert torch.equal(rank_positions(score, tier=tier), want)
