@@ -188,24 +188,22 @@ class CacheSet:
         return self.base.device
 
     @property
-    def dtype(self) -> torch.dtype:
-        return self.base.dtype
-
-    @property
     def head_offsets(self) -> torch.Tensor:
         """int64 ``[num_heads]`` on the cache's device (made once per set of pointers)."""
-        return _head_offsets(self._key())[0]
+        return self._head_table[0]
 
     @property
     def head_align(self) -> int:
         """16 when every head offset is a multiple of 16 elements, else 1 (the kernels'
         ``HEAD_ALIGN``: what the compiler may assume of them)."""
-        return _head_offsets(self._key())[1]
+        return self._head_table[1]
 
-    def _key(self):
+    @functools.cached_property
+    def _head_table(self) -> tuple[torch.Tensor, int]:  # one lookup per set, not per launch
         ptrs = tuple(t.data_ptr() for t in self.tensors)
         lay = self.layout
-        return ptrs, self.base.element_size(), lay.num_kv_heads, lay.head_stride, str(self.device)
+        key = ptrs, self.base.element_size(), lay.num_kv_heads, lay.head_stride, str(self.device)
+        return _head_offsets(key)
 
     def split(self, t: torch.Tensor | None) -> list[torch.Tensor | None]:
         """A head-major tensor ``[L * H_kv, ...]`` as ``L`` per-layer ``[H_kv, ...]`` views."""
@@ -229,6 +227,11 @@ def _head_offsets(key) -> tuple[torch.Tensor, int]:
     return torch.tensor(offsets, dtype=torch.int64, device=device), align
 
 
+def same_geometry(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two layer caches can be in one :class:`CacheSet` (with the same layout)."""
+    return a.dtype == b.dtype and a.device == b.device and a.shape == b.shape
+
+
 def check_caches(cache: torch.Tensor | Sequence[torch.Tensor], layout: PagedKVLayout) -> CacheSet:
     """Validate one cache tensor or a sequence of them (each one of ``layout``; all of one
     dtype, shape and device) and return their :class:`CacheSet`."""
@@ -243,7 +246,7 @@ def check_caches(cache: torch.Tensor | Sequence[torch.Tensor], layout: PagedKVLa
         check_cache(t, layout)
     first = tensors[0]
     for t in tensors[1:]:
-        if t.dtype != first.dtype or t.device != first.device or t.shape != first.shape:
+        if not same_geometry(t, first):
             raise ValueError(
                 "the caches of a layer set must share dtype, device and shape "
                 f"(got {first.dtype}/{first.device}/{tuple(first.shape)} and "

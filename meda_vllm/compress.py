@@ -84,7 +84,15 @@ def compress(
             raise ValueError(f"layer {layer} view has {view.N} tokens, expected {n}")
         return view
 
-    set_view = layer_set() if layer_set is not None and policy.stackable else None
+    set_view = None
+    if layer_set is not None and policy.stackable:
+        set_view = layer_set()
+        h_kv, set_n, _ = set_view.kv_shape
+        if set_n != n or h_kv % num_layers != 0:
+            raise ValueError(
+                f"layer set view is [{h_kv}, {set_n}, .]: expected N = {n} and KV heads a "
+                f"multiple of {num_layers} layers"
+            )
     alloc = None
     if set_view is not None:
         alloc = policy.layer_budgets_set(set_view, num_layers, n, budget)
@@ -99,7 +107,7 @@ def compress(
 
     stacked = None
     if set_view is not None and max(budgets) <= physical < n:
-        stacked = _plan_layer_set(policy, set_view, n, budgets, physical)
+        stacked = _plan_layer(policy, set_view, budgets, physical)
         layers = [
             LayerPlan(kept=kept, keys=keys, values=values, budget=b)
             for kept, keys, values, b in zip(
@@ -126,16 +134,6 @@ def compress(
 
 def _split(t: Tensor | None, num_layers: int) -> list[Tensor | None]:
     return [None] * num_layers if t is None else list(t.chunk(num_layers, dim=0))
-
-
-def _plan_layer_set(
-    policy: Policy, view: LayerView, n: int, budgets: list[int], physical: int
-) -> LayerPlan:
-    if view.kv_shape[1] != n:
-        raise ValueError(f"layer set view has {view.kv_shape[1]} tokens, expected {n}")
-    if view.H_kv % len(budgets) != 0:
-        raise ValueError(f"layer set has {view.H_kv} KV heads for {len(budgets)} layers")
-    return _plan_layer(policy, view, budgets, physical)
 
 
 def _physical_length(pad_to: int | str | None, budgets: list[int], n: int) -> int:

@@ -34,6 +34,7 @@ from meda_vllm.kernels import (
     paged_merge,
     paged_window_scores,
 )
+from meda_vllm.kernels.layout import same_geometry
 from meda_vllm.merging import merge_weights
 from meda_vllm.modality import entropy_query_positions
 from meda_vllm.selection import rows_for_positions
@@ -181,10 +182,8 @@ def plan_paged_request(
 
 def _one_layout(caches: Sequence[Tensor], layouts: Sequence[PagedKVLayout]) -> bool:
     """Whether every layer's cache can join one ``CacheSet`` (one layout, dtype, shape)."""
-    first = caches[0]
     return all(lay == layouts[0] for lay in layouts) and all(
-        c.dtype == first.dtype and c.shape == first.shape and c.device == first.device
-        for c in caches
+        same_geometry(c, caches[0]) for c in caches
     )
 
 

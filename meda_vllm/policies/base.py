@@ -18,7 +18,7 @@ from torch import Tensor
 
 from meda_vllm.budgets import LayerBudgets, uniform_budgets
 from meda_vllm.config import KVPolicyConfig
-from meda_vllm.selection import pool_scores, recent_mask, tier_rows, window_scores
+from meda_vllm.selection import pool_scores, tier_rows, window_scores
 from meda_vllm.types import LayerView
 
 GetView = Callable[[int], LayerView]
@@ -101,10 +101,6 @@ class Policy:
     def score(self, view: LayerView) -> Tensor:
         """``[H_kv, N]`` fp32 importance used for ranking."""
         return pool_scores(self.raw_score(view), self.pooling, self.pool_kernel)
-
-    def protected_window(self, view: LayerView, budget: int) -> Tensor:
-        """``[N]`` bool: the last ``min(w, budget)`` positions, always kept."""
-        return recent_mask(view.N, min(self.window, budget), view.device)
 
     def tier_spec(self, n: int, budget: int) -> TierSpec:
         """Forced-keep tiers of a layer with budget ``budget`` (default: the window)."""

@@ -12,8 +12,8 @@ from torch import Tensor
 
 from meda_vllm.budgets import HCCState, LayerBudgets, modality_demand
 from meda_vllm.config import KVPolicyConfig
-from meda_vllm.policies.base import GetView, Policy, Ranking, TierSpec
-from meda_vllm.selection import host_values, pool_scores, rank_positions, tier_rows
+from meda_vllm.policies.base import GetView, Policy, Ranking
+from meda_vllm.selection import host_values, pool_scores, rank_positions
 from meda_vllm.types import LayerView
 
 
@@ -53,13 +53,10 @@ class MadaKVPolicy(Policy):
     def ranking(self, view: LayerView, budget: int | Sequence[int]) -> Ranking:
         psi = self.raw_score(view)
         score = pool_scores(psi, self.pooling, self.pool_kernel)
-        if isinstance(budget, int):
-            forced = self.protected_window(view, budget)
-        else:  # a layer set: every head with its layer's window and budget
+        # The protected window: [N], or [H_kv, N] for a layer set (each head its layer's)
+        forced = self.tiers(view, budget).to(psi.device) > 0
+        if not isinstance(budget, int):  # a layer set: each head with its layer's budget
             heads = view.H_kv // len(budget)
-            specs = [TierSpec(recent=min(self.window, b)) for b in budget]
-            forced = tier_rows(view.N, specs, None, psi.device).bool()
-            forced = forced.repeat_interleave(heads, dim=0)
             budget = host_values([b for b in budget for _ in range(heads)], psi.device)
         vis = (
             view.vis.to(psi.device)
