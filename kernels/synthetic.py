@@ -73,6 +73,11 @@ def paged_request(
             lay = PagedKVLayout.cpu_vec(num_kv_heads, block_size, head_size)
         caches.append(cache)
         layouts.append(lay)
+    return PagedRequest(caches, layouts, row, synthetic_vis(n).to(device), n)
+
+
+def synthetic_vis(n: int) -> Tensor:
+    """The modality mask of :func:`paged_request`: an image/video span from 5 % to 90 %."""
     vis = torch.zeros(n, dtype=torch.bool)
     vis[int(0.05 * n) : int(0.9 * n)] = True
-    return PagedRequest(caches, layouts, row, vis.to(device), n)
+    return vis

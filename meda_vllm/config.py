@@ -55,6 +55,7 @@ _ALLOWED: dict[str, str] = {
     "kv_meda_renormalize": "a boolean",
     "kv_meda_entropy_causal": "a boolean",
     "kv_meda_visual_stride": "an integer >= 1",
+    "kv_meda_visual_rows": "an integer >= 0 (0: no cap)",
     "kv_madakv_theta": "a number in (0, 1]",
     "kv_min_tokens_per_layer": "an integer >= 1",
     "kv_sink_tokens": "an integer >= 0",
@@ -68,6 +69,7 @@ _INT_RANGES: dict[str, tuple[int, int | None]] = {
     "kv_window": (1, None),
     "kv_pool_kernel": (1, 63),
     "kv_meda_visual_stride": (1, None),
+    "kv_meda_visual_rows": (0, None),
     "kv_min_tokens_per_layer": (1, None),
     "kv_sink_tokens": (0, None),
     "kv_h2o_max_queries": (1, None),
@@ -129,6 +131,7 @@ class KVPolicyConfig(BaseModel):
     kv_meda_renormalize: bool = True
     kv_meda_entropy_causal: bool = False
     kv_meda_visual_stride: int = 8
+    kv_meda_visual_rows: int = 128
     kv_madakv_theta: float = 0.95
     kv_min_tokens_per_layer: int = 16
     kv_sink_tokens: int = 4

@@ -148,13 +148,15 @@ def to_host_floats(values: list[float | Tensor]) -> list[float]:
     return [float(v) for v in out]
 
 
-def layer_entropy(view: LayerView, window: int, visual_stride: int, causal: bool) -> float:
+def layer_entropy(
+    view: LayerView, window: int, visual_stride: int, causal: bool, max_visual_rows: int = 0
+) -> float:
     """The layer's entropy: the engine's override, else the sampled estimate."""
-    return float(layer_entropy_value(view, window, visual_stride, causal))
+    return float(layer_entropy_value(view, window, visual_stride, causal, max_visual_rows))
 
 
 def layer_entropy_value(
-    view: LayerView, window: int, visual_stride: int, causal: bool
+    view: LayerView, window: int, visual_stride: int, causal: bool, max_visual_rows: int = 0
 ) -> float | Tensor:
     """:func:`layer_entropy` without reading a device value: the engine's override as
     given (possibly a 0-d GPU tensor, see :func:`to_host_floats`), else the estimate."""
@@ -162,7 +164,7 @@ def layer_entropy_value(
         return view.entropy
     if view.vis is None:
         return float("nan")
-    positions = entropy_query_positions(view.N, view.vis, window, visual_stride)
+    positions = entropy_query_positions(view.N, view.vis, window, visual_stride, max_visual_rows)
     idx = rows_for_positions(view.query_pos, positions)
     return cross_modal_entropy(
         view.queries[:, idx],

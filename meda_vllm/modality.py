@@ -38,13 +38,29 @@ def modality_mask(
     return mask
 
 
-def entropy_query_positions(n: int, vis: Tensor | None, window: int, visual_stride: int) -> Tensor:
+def visual_sample_stride(n_visual: int, visual_stride: int, max_visual_rows: int = 0) -> int:
+    """The stride of :func:`entropy_query_positions`' visual rows: ``visual_stride``, or
+    larger so that at most ``max_visual_rows`` rows are taken (0: no cap)."""
+    if max_visual_rows > 0:
+        return max(visual_stride, -(-n_visual // max_visual_rows))
+    return visual_stride
+
+
+def entropy_query_positions(
+    n: int, vis: Tensor | None, window: int, visual_stride: int, max_visual_rows: int = 0
+) -> Tensor:
     """Ascending prompt positions whose query rows MEDA's sampled entropy reads.
 
     All text rows in the observation window (the last ``min(window, n)`` positions) plus
-    every ``visual_stride``-th visual row, counted from the middle of the first stride so
-    that the sample is not biased to the first patch of each image. If the window holds no
-    text row, the last ``min(window, n_text)`` text rows stand in for it.
+    every ``s``-th visual row, counted from the middle of the first stride so that the
+    sample is not biased to the first patch of each image. If the window holds no text
+    row, the last ``min(window, n_text)`` text rows stand in for it.
+
+    ``s = visual_stride``, raised to ``ceil(n_visual / max_visual_rows)`` when that is
+    larger (``max_visual_rows > 0``), so at most ``max_visual_rows`` visual rows are read.
+    A fixed stride alone makes the sample grow with ``N`` and the entropy pass cost
+    ``O(N^2 / s)``; the cap keeps it linear in ``N`` (and bounds the query rows captured
+    per layer). See docs/ALGORITHM_CHOICES.md.
     """
     if vis is None or n == 0:
         return torch.arange(max(0, n - window), n, dtype=torch.long)
@@ -54,5 +70,7 @@ def entropy_query_positions(n: int, vis: Tensor | None, window: int, visual_stri
     text_rows = positions[~vis & in_window]
     if text_rows.numel() == 0:
         text_rows = positions[~vis][-window:]
-    vis_rows = positions[vis][(visual_stride - 1) // 2 :: visual_stride]
+    visual = positions[vis]
+    stride = visual_sample_stride(visual.numel(), visual_stride, max_visual_rows)
+    vis_rows = visual[(stride - 1) // 2 :: stride]
     return torch.unique(torch.cat([text_rows, vis_rows])).long()

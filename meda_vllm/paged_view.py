@@ -36,7 +36,8 @@ from meda_vllm.kernels import (
 )
 from meda_vllm.kernels.layout import same_geometry
 from meda_vllm.merging import merge_weights
-from meda_vllm.modality import entropy_query_positions
+from meda_vllm.policies import build_policy
+from meda_vllm.policies.meda import MEDAPolicy
 from meda_vllm.selection import rows_for_positions
 from meda_vllm.types import CompressionPlan, LayerView, check_query_positions
 
@@ -144,8 +145,9 @@ def plan_paged_request(
     check_query_positions(pos, n)
     score_sel = torch.nonzero(pos >= n - score_rows(cfg, n)).squeeze(1).to(query_pos.device)
     entropy_sel = None
-    if fast and cfg.kv_policy == "meda" and vis is not None:
-        wanted = entropy_query_positions(n, vis, cfg.kv_window, cfg.kv_meda_visual_stride)
+    policy = build_policy(cfg)
+    if fast and isinstance(policy, MEDAPolicy) and vis is not None:
+        wanted = policy.entropy_positions(n, vis)
         entropy_sel = rows_for_positions(pos, wanted).to(query_pos.device)
     num_layers = len(caches)
     common = {"fast": fast, "entropy_causal": cfg.kv_meda_entropy_causal}

@@ -41,15 +41,16 @@ ROOT = Path(__file__).resolve().parents[2]
 def load_kernels():
     """Import ``meda_vllm.kernels`` from the repo's ``kernels/`` folder.
 
-    Works whether or not the package is installed, and never runs ``meda_vllm/__init__``
-    (whose imports may need vLLM): ``meda_vllm`` is registered as an empty parent.
+    Works whether or not the package is installed, and never runs ``meda_vllm/__init__``:
+    ``meda_vllm`` is registered as a bare parent over the repo's ``meda_vllm/`` folder,
+    so that torch-only core modules (``modality``) import too.
     """
     if "meda_vllm.kernels" in sys.modules:
         return sys.modules["meda_vllm.kernels"]
     folder = ROOT / "kernels"
     if "meda_vllm" not in sys.modules:
         parent = types.ModuleType("meda_vllm")
-        parent.__path__ = []
+        parent.__path__ = [str(ROOT / "meda_vllm")]
         sys.modules["meda_vllm"] = parent
     spec = importlib.util.spec_from_file_location(
         "meda_vllm.kernels", folder / "__init__.py", submodule_search_locations=[str(folder)]
@@ -61,7 +62,8 @@ def load_kernels():
 
 
 K = load_kernels()
-from meda_vllm.kernels.synthetic import paged_request  # noqa: E402 (after load_kernels)
+from meda_vllm.kernels.synthetic import paged_request, synthetic_vis  # noqa: E402
+from meda_vllm.modality import entropy_query_positions  # noqa: E402
 
 GEOMETRIES = {
     # name: (query heads, kv heads, head size)
@@ -72,8 +74,16 @@ QUICK_GEOMETRIES = {"tiny-mha": (4, 4, 32), "tiny-gqa": (8, 2, 32)}
 BLOCK_SIZE = 16
 WINDOW = 32
 RHO = 0.2
-VIS_SAMPLE = 64  # visual query rows sampled (fixed stride) for the entropy
 POOL_KERNEL = 7
+# KVPolicyConfig's defaults (kv_meda_visual_stride, kv_meda_visual_rows; a test checks
+# them), not imported: the config needs pydantic, this script only torch and Triton
+VIS_STRIDE, VIS_ROWS = 8, 128
+
+
+def entropy_positions(n: int, vis: torch.Tensor) -> torch.Tensor:
+    """MEDA's entropy rows with the default sample (window text rows + a stride of visual
+    rows, at most ``VIS_ROWS`` of them), as the server picks them."""
+    return entropy_query_positions(n, vis, WINDOW, VIS_STRIDE, VIS_ROWS)
 
 
 # ---------------------------------------------------------------------- timing
@@ -114,10 +124,7 @@ def build_problem(h, h_kv, d, n, device, dtype, seed=0):
     window = min(WINDOW, n)
     q_win = (torch.randn(h, window, d, generator=gen) * 2).to(dtype).to(device)
     q_win_pos = torch.arange(n - window, n, device=device)
-    vis_pos = vis.nonzero()[:, 0]
-    stride = max(1, vis_pos.numel() // VIS_SAMPLE)
-    ent_pos = torch.cat([vis_pos[::stride][:VIS_SAMPLE], torch.arange(n - window, n)])
-    ent_pos = torch.unique(ent_pos)  # sorted
+    ent_pos = entropy_positions(n, vis)  # sorted
     q_ent = (torch.randn(h, ent_pos.numel(), d, generator=gen) * 2).to(dtype).to(device)
     return dict(
         cache=cache,
@@ -340,7 +347,7 @@ def roofline_table(gbps: float, tflops: float, sizes) -> str:
     for name, (h, h_kv, d) in GEOMETRIES.items():
         for n in sizes:
             kept = max(WINDOW, math.ceil(RHO * n))
-            rows_ent = min(n, VIS_SAMPLE + WINDOW)
+            rows_ent = entropy_positions(n, synthetic_vis(n)).numel()
             sh = dict(n=n, h=h, h_kv=h_kv, d=d, rows_win=WINDOW, rows_ent=rows_ent, kept=kept)
             sh["elem"] = 2
             traffic, flops = bytes_model(sh), flops_model(sh)

@@ -27,6 +27,7 @@ class MEDAPolicy(Policy):
     renormalize: bool = True
     entropy_causal: bool = False
     visual_stride: int = 8
+    visual_rows: int = 128
 
     @classmethod
     def config_fields(cls, cfg: KVPolicyConfig) -> dict[str, Any]:
@@ -36,12 +37,16 @@ class MEDAPolicy(Policy):
             "renormalize": cfg.kv_meda_renormalize,
             "entropy_causal": cfg.kv_meda_entropy_causal,
             "visual_stride": cfg.kv_meda_visual_stride,
+            "visual_rows": cfg.kv_meda_visual_rows,
         }
 
     def query_positions(self, n: int, vis: Tensor | None) -> Tensor:
         window = super().query_positions(n, vis)
-        sampled = entropy_query_positions(n, vis, self.window, self.visual_stride)
-        return torch.unique(torch.cat([window, sampled]))
+        return torch.unique(torch.cat([window, self.entropy_positions(n, vis)]))
+
+    def entropy_positions(self, n: int, vis: Tensor | None) -> Tensor:
+        """The rows of the sampled entropy (``modality.entropy_query_positions``)."""
+        return entropy_query_positions(n, vis, self.window, self.visual_stride, self.visual_rows)
 
     def tier_spec(self, n: int, budget: int) -> TierSpec:
         # Recent window M (at least the observation window), then text before vision.
@@ -58,7 +63,9 @@ class MEDAPolicy(Policy):
             view = get_view(layer)
             vis = view.vis
             values.append(
-                layer_entropy_value(view, self.window, self.visual_stride, self.entropy_causal)
+                layer_entropy_value(
+                    view, self.window, self.visual_stride, self.entropy_causal, self.visual_rows
+                )
             )
         return self._budgets(to_host_floats(values), vis, num_layers, n, budget)
 

@@ -55,6 +55,28 @@ def test_roofline_mode_needs_no_gpu():
     assert llava[2] > llava[0] + llava[1] + llava[3]
 
 
+def test_benchmark_samples_entropy_rows_as_the_server():
+    """The benchmark's MEDA entropy rows are the ones the server reads (default config),
+    and that sample stays bounded: the entropy pass is linear in N."""
+    import importlib.util
+
+    import torch
+
+    from meda_vllm.config import KVPolicyConfig
+    from meda_vllm.kernels.synthetic import synthetic_vis
+    from meda_vllm.policies import build_policy
+
+    spec = importlib.util.spec_from_file_location("bench_kernels_mod", SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    policy = build_policy(KVPolicyConfig(kv_policy="meda", kv_window=bench.WINDOW))
+    for n in (40, 2048, 32768):
+        vis = synthetic_vis(n)
+        assert torch.equal(bench.entropy_positions(n, vis), policy.entropy_positions(n, vis))
+    rows = bench.entropy_positions(32768, synthetic_vis(32768)).numel()
+    assert rows <= bench.WINDOW + 128
+
+
 STEP_SCRIPT = SCRIPT.parent / "bench_step.py"
 
 

@@ -115,9 +115,11 @@ def test_required_query_positions():
         assert torch.equal(rows(kv_policy=policy), window)
     assert torch.equal(rows(kv_policy="h2o"), torch.arange(n - 1024, n))
     assert torch.equal(rows(kv_policy="h2o", kv_h2o_max_queries=8), window)
-    meda = rows(kv_policy="meda", kv_meda_visual_stride=8)
+    uncapped = rows(kv_policy="meda", kv_meda_visual_stride=8, kv_meda_visual_rows=0)
+    assert uncapped.numel() == 32 + 2800 // 8
+    meda = rows(kv_policy="meda", kv_meda_visual_stride=8)  # at most 128 visual rows
     assert set(window.tolist()) <= set(meda.tolist())
-    assert meda.numel() == 32 + 2800 // 8
+    assert meda.numel() == 32 + len(range(10, 2800, 22)) <= 32 + 128  # stride ceil(2800/128)
     assert torch.equal(meda, torch.unique(meda))
     assert rows(kv_policy="none").numel() == 0
     assert rows(kv_policy="full").numel() == 0

@@ -43,6 +43,7 @@ BAD_VALUES = [
     ("kv_meda_renormalize", "maybe", "kv_meda_renormalize must be a boolean"),
     ("kv_meda_entropy_causal", 2, "kv_meda_entropy_causal must be a boolean"),
     ("kv_meda_visual_stride", 0, "kv_meda_visual_stride must be an integer >= 1"),
+    ("kv_meda_visual_rows", -1, "kv_meda_visual_rows must be an integer >= 0 (0: no cap)"),
     ("kv_madakv_theta", 0, "kv_madakv_theta must be a number in (0, 1]"),
     ("kv_madakv_theta", 1.01, "kv_madakv_theta must be a number in (0, 1]"),
     ("kv_min_tokens_per_layer", 0, "kv_min_tokens_per_layer must be an integer >= 1"),

@@ -12,7 +12,7 @@ from meda_vllm import paged_view
 from meda_vllm.compress import compress, required_query_positions, score_rows
 from meda_vllm.config import KVPolicyConfig
 from meda_vllm.kernels.synthetic import paged_request
-from meda_vllm.modality import entropy_query_positions
+from meda_vllm.policies import build_policy
 from meda_vllm.selection import rows_for_positions
 from meda_vllm.types import LayerView
 
@@ -31,7 +31,7 @@ def test_paged_overrides_give_the_core_plan(policy, monkeypatch):
     score_sel = torch.nonzero(pos >= n - score_rows(cfg, n)).squeeze(1)
     ent_sel = None
     if policy == "meda":
-        ent_pos = entropy_query_positions(n, vis, cfg.kv_window, cfg.kv_meda_visual_stride)
+        ent_pos = build_policy(cfg).entropy_positions(n, vis)
         ent_sel = rows_for_positions(pos, ent_pos)
     gathers = []
     real_gather = paged_view.gather_kv

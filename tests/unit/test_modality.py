@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
-from meda_vllm.modality import entropy_query_positions, modality_mask
+from meda_vllm.modality import entropy_query_positions, modality_mask, visual_sample_stride
 
 
 def test_mask_from_ranges():
@@ -51,6 +53,28 @@ def test_entropy_rows(stride):
     assert visual == all_visual[(stride - 1) // 2 :: stride]
     text_outside = [p for p in pos.tolist() if not vis[p] and p < n - window]
     assert text_outside == []
+
+
+@pytest.mark.parametrize(("n_visual", "cap"), [(100, 64), (2048, 256), (2049, 256), (31000, 256)])
+def test_entropy_rows_capped(n_visual, cap):
+    n, window, stride = n_visual + 40, 16, 8
+    vis = torch.zeros(n, dtype=torch.bool)
+    vis[20 : 20 + n_visual] = True
+    pos = entropy_query_positions(n, vis, window, stride, cap)
+    visual = [p for p in pos.tolist() if vis[p]]
+    all_visual = vis.nonzero().flatten().tolist()
+    step = visual_sample_stride(n_visual, stride, cap)
+    assert step == max(stride, math.ceil(n_visual / cap))
+    assert visual == all_visual[(step - 1) // 2 :: step]  # spread over every visual row
+    assert len(visual) <= cap
+    assert all_visual[-1] - visual[-1] < step
+    uncapped = entropy_query_positions(n, vis, window, stride)
+    if n_visual <= stride * cap:  # the cap binds only past stride * cap visual rows
+        assert torch.equal(pos, uncapped)
+    else:
+        assert len(visual) < int(vis[uncapped].sum())
+    # text rows are the same whatever the cap
+    assert [p for p in pos.tolist() if not vis[p]] == [p for p in uncapped.tolist() if not vis[p]]
 
 
 def test_entropy_rows_without_text_in_window():
