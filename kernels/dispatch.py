@@ -165,7 +165,7 @@ def dot_tiles(rows: int, dot_fp32: bool, device: torch.device) -> tuple[int, int
     """``(BLOCK_R, BLOCK_N, num_warps)`` of the kernels that ``tl.dot`` query rows with keys.
 
     GPU, fp16/bf16 operands: up to 128 rows (all of a Qwen2-VL KV head's 7 x 32 window
-    rows in two tiles, so each key tile is read twice rather than four times) by 32 keys,
+    rows in two tiles: two programs that share each key tile through L2) by 32 keys,
     8 warps (4 under 64 rows). fp32 operands (``input_precision="ieee"``: an FMA loop, not
     tensor cores): ``[16, 64]`` with 8 warps. These are the tiles that ``compile_check``
     compiles without register spills for sm_90a and sm_80 with both Triton 3.9 (here) and

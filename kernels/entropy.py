@@ -15,9 +15,11 @@ each averaged over query heads; a direction without a row that sees a key gives 
 (as the core's ``entropy.cross_modal_entropy``: MEDA then falls back to uniform budgets).
 ``E_l`` is their sum.
 
-Kernels: split-K partial (m, Z', T') per (KV head, key chunk, row) in base 2, then one
-small program folds the chunks, the rows and the heads. Traffic: K read once
-(``n*H_kv*D`` elements) plus ``n`` mask bytes.
+Kernels: split-K partial (m, Z', T') per (KV head, key chunk, row) in base 2, one program
+per (row block, key chunk, KV head) with the row blocks neighbours in the grid, then one
+small program per layer folds the chunks, the rows and the heads. Traffic: K read once
+from DRAM (``n*H_kv*D`` elements; the row blocks of a chunk share it in L2) plus ``n``
+mask bytes.
 """
 
 from __future__ import annotations
@@ -70,61 +72,63 @@ def _entropy_partial_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    kv_head = tl.program_id(0)
+    # Row blocks vary fastest in the grid (as in window_scores' row statistics): the
+    # programs of one key chunk share its K through L2.
+    row_lo = tl.program_id(0) * BLOCK_R
     split = tl.program_id(1)
     num_splits = tl.num_programs(1)
+    kv_head = tl.program_id(2)
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_SIZE
     key_lo = split * keys_per_split
     key_hi = tl.minimum(key_lo + keys_per_split, n)
     head = kv_head.to(tl.int64)
 
-    for row_lo in range(0, group_rows, BLOCK_R):
-        rr = row_lo + tl.arange(0, BLOCK_R)
-        mask_r = rr < group_rows
-        q, r = load_query_rows(
-            q_ptr, kv_head, rr, mask_r, offs_d, mask_d, rows_per_head,
-            q_stride_h, q_stride_r, q_stride_d, GROUP, DOT_FP32,
+    rr = row_lo + tl.arange(0, BLOCK_R)
+    mask_r = rr < group_rows
+    q, r = load_query_rows(
+        q_ptr, kv_head, rr, mask_r, offs_d, mask_d, rows_per_head,
+        q_stride_h, q_stride_r, q_stride_d, GROUP, DOT_FP32,
+    )  # fmt: skip
+    q_pos = tl.load(q_pos_ptr + r, mask=mask_r, other=0).to(tl.int64)
+    row_vis = tl.load(vis_ptr + q_pos, mask=mask_r, other=0) != 0
+
+    m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    z_i = tl.zeros([BLOCK_R], tl.float32)
+    t_i = tl.zeros([BLOCK_R], tl.float32)
+    for key_start in range(key_lo, key_hi, BLOCK_N):
+        keys = key_start + tl.arange(0, BLOCK_N)
+        mask_n = keys < key_hi
+        k = load_k_tile(
+            cache_ptr, row_ptr, keys, mask_n, head, offs_d, mask_d,
+            block_stride, head_off_ptr, k_offset, k_token_stride, k_dim_stride,
+            BLOCK_SIZE, HEAD_ALIGN,
         )  # fmt: skip
-        q_pos = tl.load(q_pos_ptr + r, mask=mask_r, other=0).to(tl.int64)
-        row_vis = tl.load(vis_ptr + q_pos, mask=mask_r, other=0) != 0
+        key_vis = tl.load(vis_ptr + keys, mask=mask_n, other=0) != 0
+        if DOT_FP32:
+            s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = s * qk_scale
+        # text rows see visual keys, visual rows see text keys
+        visible = (key_vis[None, :] != row_vis[:, None]) & mask_n[None, :] & mask_r[:, None]
+        if CAUSAL:
+            visible = visible & (keys[None, :] <= q_pos[:, None])
+        m_new = tl.maximum(m_i, tl.max(tl.where(visible, s, float("-inf")), 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        diff = tl.where(visible, s - m_use[:, None], 0.0)
+        p = tl.where(visible, tl.exp2(diff), 0.0)
+        # rescale the old sums to the new max: T' -> a (T' + (m_old - m_new) Z')
+        alpha = tl.exp2(m_i - m_use)
+        shift = tl.where(z_i > 0, m_i - m_use, 0.0)
+        t_i = alpha * (t_i + shift * z_i) + tl.sum(p * diff, 1)
+        z_i = alpha * z_i + tl.sum(p, 1)
+        m_i = m_new
 
-        m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
-        z_i = tl.zeros([BLOCK_R], tl.float32)
-        t_i = tl.zeros([BLOCK_R], tl.float32)
-        for key_start in range(key_lo, key_hi, BLOCK_N):
-            keys = key_start + tl.arange(0, BLOCK_N)
-            mask_n = keys < key_hi
-            k = load_k_tile(
-                cache_ptr, row_ptr, keys, mask_n, head, offs_d, mask_d,
-                block_stride, head_off_ptr, k_offset, k_token_stride, k_dim_stride,
-                BLOCK_SIZE, HEAD_ALIGN,
-            )  # fmt: skip
-            key_vis = tl.load(vis_ptr + keys, mask=mask_n, other=0) != 0
-            if DOT_FP32:
-                s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(k))
-            s = s * qk_scale
-            # text rows see visual keys, visual rows see text keys
-            visible = (key_vis[None, :] != row_vis[:, None]) & mask_n[None, :] & mask_r[:, None]
-            if CAUSAL:
-                visible = visible & (keys[None, :] <= q_pos[:, None])
-            m_new = tl.maximum(m_i, tl.max(tl.where(visible, s, float("-inf")), 1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            diff = tl.where(visible, s - m_use[:, None], 0.0)
-            p = tl.where(visible, tl.exp2(diff), 0.0)
-            # rescale the old sums to the new max: T' -> a (T' + (m_old - m_new) Z')
-            alpha = tl.exp2(m_i - m_use)
-            shift = tl.where(z_i > 0, m_i - m_use, 0.0)
-            t_i = alpha * (t_i + shift * z_i) + tl.sum(p * diff, 1)
-            z_i = alpha * z_i + tl.sum(p, 1)
-            m_i = m_new
-
-        out = (kv_head * num_splits + split).to(tl.int64) * group_rows + rr
-        tl.store(m_ptr + out, m_i, mask=mask_r)
-        tl.store(z_ptr + out, z_i, mask=mask_r)
-        tl.store(t_ptr + out, t_i, mask=mask_r)
+    out = (kv_head * num_splits + split).to(tl.int64) * group_rows + rr
+    tl.store(m_ptr + out, m_i, mask=mask_r)
+    tl.store(z_ptr + out, z_i, mask=mask_r)
+    tl.store(t_ptr + out, t_i, mask=mask_r)
 
 
 @triton.jit
@@ -203,11 +207,12 @@ def _launch(q, q_pos, caches: CacheSet, row, n, vis, scale, causal, group):
     block_d = max(16, triton.next_power_of_2(d))
     dot_fp32 = dot_in_fp32(q.dtype, cache.dtype, device)
     block_r, block_n, warps = dot_tiles(group_rows, dot_fp32, device)
-    keys_per_split, splits = plan_splits(n, block_n, h_kv, device)
+    row_blocks = triton.cdiv(group_rows, block_r)
+    keys_per_split, splits = plan_splits(n, block_n, h_kv * row_blocks, device)
     m = torch.empty((h_kv, splits, group_rows), dtype=torch.float32, device=device)
     z = torch.empty_like(m)
     t = torch.empty_like(m)
-    launchable(_entropy_partial_kernel, device)[(h_kv, splits)](
+    launchable(_entropy_partial_kernel, device)[(row_blocks, splits, h_kv)](
         q,
         q_pos,
         vis_u8,

@@ -4,8 +4,9 @@
 with the causal mask ``i <= q_pos[r]`` and fp32 softmax. Two passes over K, never more
 than one ``[BLOCK_R, BLOCK_N]`` tile of probabilities alive:
 
-1. split-K row statistics: each program scans a chunk of keys for all ``g*R`` rows of
-   one KV head with an online softmax (running max ``m``, sum ``l``, base 2);
+1. split-K row statistics: each program scans a chunk of keys for one block of the
+   ``g*R`` rows of one KV head with an online softmax (running max ``m``, sum ``l``, base
+   2); the row blocks of a chunk are neighbours in the grid, so they share its K in L2;
 2. a tiny combine kernel folds the chunks into ``lse = m + log2(l)`` per row;
 3. one program per (key tile, KV head) recomputes ``q . k`` and sums
    ``exp2(s - lse)`` over rows: every key tile is owned by one program, so no atomics.
@@ -61,49 +62,51 @@ def _row_stats_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    kv_head = tl.program_id(0)
+    # Row blocks vary fastest in the grid: the programs of one key chunk run together and
+    # share its K through L2, so K comes from DRAM once however many row blocks there are.
+    row_lo = tl.program_id(0) * BLOCK_R
     split = tl.program_id(1)
     num_splits = tl.num_programs(1)
+    kv_head = tl.program_id(2)
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_SIZE
     key_lo = split * keys_per_split
     key_hi = tl.minimum(key_lo + keys_per_split, n)
     head = kv_head.to(tl.int64)
 
-    for row_lo in range(0, group_rows, BLOCK_R):
-        rr = row_lo + tl.arange(0, BLOCK_R)
-        mask_r = rr < group_rows
-        q, r = load_query_rows(
-            q_ptr, kv_head, rr, mask_r, offs_d, mask_d, rows_per_head,
-            q_stride_h, q_stride_r, q_stride_d, GROUP, DOT_FP32,
+    rr = row_lo + tl.arange(0, BLOCK_R)
+    mask_r = rr < group_rows
+    q, r = load_query_rows(
+        q_ptr, kv_head, rr, mask_r, offs_d, mask_d, rows_per_head,
+        q_stride_h, q_stride_r, q_stride_d, GROUP, DOT_FP32,
+    )  # fmt: skip
+    q_pos = tl.load(q_pos_ptr + r, mask=mask_r, other=-1).to(tl.int64)
+
+    m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_R], tl.float32)
+    for key_start in range(key_lo, key_hi, BLOCK_N):
+        keys = key_start + tl.arange(0, BLOCK_N)
+        mask_n = keys < key_hi
+        k = load_k_tile(
+            cache_ptr, row_ptr, keys, mask_n, head, offs_d, mask_d,
+            block_stride, head_off_ptr, k_offset, k_token_stride, k_dim_stride,
+            BLOCK_SIZE, HEAD_ALIGN,
         )  # fmt: skip
-        q_pos = tl.load(q_pos_ptr + r, mask=mask_r, other=-1).to(tl.int64)
+        if DOT_FP32:
+            s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        visible = (keys[None, :] <= q_pos[:, None]) & mask_n[None, :]
+        s = tl.where(visible, s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_use[:, None])
+        l_i = l_i * tl.exp2(m_i - m_use) + tl.sum(p, 1)
+        m_i = m_new
 
-        m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_R], tl.float32)
-        for key_start in range(key_lo, key_hi, BLOCK_N):
-            keys = key_start + tl.arange(0, BLOCK_N)
-            mask_n = keys < key_hi
-            k = load_k_tile(
-                cache_ptr, row_ptr, keys, mask_n, head, offs_d, mask_d,
-                block_stride, head_off_ptr, k_offset, k_token_stride, k_dim_stride,
-                BLOCK_SIZE, HEAD_ALIGN,
-            )  # fmt: skip
-            if DOT_FP32:
-                s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(k))
-            visible = (keys[None, :] <= q_pos[:, None]) & mask_n[None, :]
-            s = tl.where(visible, s * qk_scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp2(s - m_use[:, None])
-            l_i = l_i * tl.exp2(m_i - m_use) + tl.sum(p, 1)
-            m_i = m_new
-
-        out = (kv_head * num_splits + split).to(tl.int64) * group_rows + rr
-        tl.store(m_ptr + out, m_i, mask=mask_r)
-        tl.store(l_ptr + out, l_i, mask=mask_r)
+    out = (kv_head * num_splits + split).to(tl.int64) * group_rows + rr
+    tl.store(m_ptr + out, m_i, mask=mask_r)
+    tl.store(l_ptr + out, l_i, mask=mask_r)
 
 
 @triton.jit
@@ -209,7 +212,8 @@ def _launch(q, q_pos, caches: CacheSet, row, n: int, scale: float, group: int):
     dot_fp32 = dot_in_fp32(q.dtype, cache.dtype, device)
     block_r, block_n, warps = dot_tiles(group_rows, dot_fp32, device)
     qk_scale = scale * LOG2E
-    keys_per_split, splits = plan_splits(n, block_n, h_kv, device)
+    row_blocks = triton.cdiv(group_rows, block_r)
+    keys_per_split, splits = plan_splits(n, block_n, h_kv * row_blocks, device)
     m = torch.empty((h_kv, splits, group_rows), dtype=torch.float32, device=device)
     l_sum = torch.empty_like(m)
     lse = torch.empty((h_kv, group_rows), dtype=torch.float32, device=device)
@@ -224,7 +228,7 @@ def _launch(q, q_pos, caches: CacheSet, row, n: int, scale: float, group: int):
         BLOCK_D=block_d,
     )
     k_layout = layout.k_args(caches.head_offsets)
-    launchable(_row_stats_kernel, device)[(h_kv, splits)](
+    launchable(_row_stats_kernel, device)[(row_blocks, splits, h_kv)](
         q,
         q_pos,
         cache,

@@ -82,6 +82,14 @@ def test_entropy_layouts_gqa_causal(layout_case, kind, group, block_size, n, row
     _run(p, q, q_pos, vis, causal=causal)
 
 
+def test_entropy_several_row_blocks(paged):
+    # 7 x 40 = 280 rows per KV head: two row blocks (at most 256 in the interpreter, 128 on
+    # a GPU), one program each; a qwen2-vl head's 7 x 160 sampled rows take nine on a GPU
+    p = paged(kind="nhd", dtype=torch.float32, head_size=64, num_kv_heads=2, n=48)
+    q, q_pos, vis = make_case(p, group=7, rows=40, dtype=torch.float32)
+    _run(p, q, q_pos, vis, causal=True)
+
+
 def test_entropy_empty_directions(paged):
     p = paged(kind="vec", dtype=torch.float32, head_size=64, num_kv_heads=1, n=40)
     q, q_pos, _ = make_case(p, group=2, rows=8, dtype=torch.float32)
