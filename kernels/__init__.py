@@ -9,7 +9,11 @@ See docs/KERNELS.md.
 
 from .compact import compact_, compact_reference_
 from .dispatch import resolve_backend
-from .entropy import paged_cross_modal_entropy, paged_cross_modal_entropy_reference
+from .entropy import (
+    paged_cross_modal_entropy,
+    paged_cross_modal_entropy_reference,
+    paged_scores_and_entropy,
+)
 from .gather import gather_kv, gather_kv_at, gather_kv_at_reference, gather_kv_reference
 from .layout import PagedKVLayout
 from .merge import merge_match, merge_match_reference, paged_merge, paged_merge_reference
@@ -30,6 +34,7 @@ __all__ = [
     "paged_cross_modal_entropy_reference",
     "paged_merge",
     "paged_merge_reference",
+    "paged_scores_and_entropy",
     "paged_window_scores",
     "paged_window_scores_reference",
     "pool_scores",

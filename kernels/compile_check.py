@@ -45,6 +45,7 @@ from . import (
     gather_kv,
     paged_cross_modal_entropy,
     paged_merge,
+    paged_scores_and_entropy,
     paged_window_scores,
     pool_scores,
 )
@@ -108,7 +109,8 @@ def _problem(case: Case):
     window = 32
     q = torch.randn(case.heads, window, case.head_size, generator=gen).to(case.dtype)
     q_pos = torch.arange(n - window, n)
-    ent_pos = torch.unique(torch.cat([vis.nonzero()[:, 0][::64], q_pos]))
+    visual = vis.nonzero()[:, 0]  # MEDA's default sample: at most 128 visual rows
+    ent_pos = torch.unique(torch.cat([visual[:: -(-visual.numel() // 128)], q_pos]))
     q_ent = torch.randn(case.heads, ent_pos.numel(), case.head_size, generator=gen)
     budget = max(window, math.ceil(0.2 * n))
     scores = torch.rand(case.kv_heads, n, generator=gen)
@@ -145,10 +147,16 @@ def record(case: Case, num_sms: int):
             paged_window_scores(p["q"], p["q_pos"], c, lay, row, n, backend=t)
             for mode in ("max", "avg"):
                 pool_scores(p["scores"], 7, mode, backend=t)
+            both_q = torch.cat([p["q"], p["q_ent"]], dim=1)
+            both_pos = torch.cat([p["q_pos"], p["ent_pos"]])
             for causal in (False, True):
                 paged_cross_modal_entropy(
                     p["q_ent"], p["ent_pos"], c, lay, row, n, p["vis"], causal=causal, backend=t
                 )
+                paged_scores_and_entropy(
+                    both_q, both_pos, p["q"].shape[1], c, lay, row, n, p["vis"],
+                    causal=causal, backend=t,
+                )  # fmt: skip
             paged_merge(c, lay, row, n, kept, "average", backend=t)
             paged_merge(c, lay, row, n, kept, "weighted", p["scores"], backend=t)
             compact_(c, lay, row, kept, backend=t)

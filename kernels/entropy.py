@@ -15,11 +15,12 @@ each averaged over query heads; a direction without a row that sees a key gives 
 (as the core's ``entropy.cross_modal_entropy``: MEDA then falls back to uniform budgets).
 ``E_l`` is their sum.
 
-Kernels: split-K partial (m, Z', T') per (KV head, key chunk, row) in base 2, one program
-per (row block, key chunk, KV head) with the row blocks neighbours in the grid, then one
-small program per layer folds the chunks, the rows and the heads. Traffic: K read once
-from DRAM (``n*H_kv*D`` elements; the row blocks of a chunk share it in L2) plus ``n``
-mask bytes.
+Kernels: split-K partial (m, Z', T') per (KV head, key chunk, row) in base 2
+(``split_stats.py``: one program per (row block, key chunk, KV head), the row blocks
+neighbours in the grid; :func:`paged_scores_and_entropy` runs the window scores' first
+pass in the same launch), then one small program per layer folds the chunks, the rows
+and the heads. Traffic: K read once from DRAM (``n*H_kv*D`` elements; the row blocks of a
+chunk share it in L2) plus ``n`` mask bytes.
 """
 
 from __future__ import annotations
@@ -31,104 +32,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .dispatch import dot_in_fp32, dot_tiles, launchable, plan_splits, resolve_backend
+from .dispatch import launchable, resolve_backend
 from .gather import gather_pages_reference
 from .layout import CacheSet, PagedKVLayout, check_caches, check_queries, check_row
-from .tiles import load_k_tile, load_query_rows
-
-LOG2E = 1.4426950408889634
-
-
-@triton.jit
-def _entropy_partial_kernel(
-    q_ptr,
-    q_pos_ptr,
-    vis_ptr,
-    cache_ptr,
-    row_ptr,
-    m_ptr,
-    z_ptr,
-    t_ptr,
-    n,
-    rows_per_head,
-    group_rows,
-    keys_per_split,
-    q_stride_h,
-    q_stride_r,
-    q_stride_d,
-    block_stride,
-    head_off_ptr,
-    k_offset,
-    k_token_stride,
-    k_dim_stride,
-    qk_scale,
-    GROUP: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr,
-    HEAD_ALIGN: tl.constexpr,
-    HEAD_SIZE: tl.constexpr,
-    DOT_FP32: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    # Row blocks vary fastest in the grid (as in window_scores' row statistics): the
-    # programs of one key chunk share its K through L2.
-    row_lo = tl.program_id(0) * BLOCK_R
-    split = tl.program_id(1)
-    num_splits = tl.num_programs(1)
-    kv_head = tl.program_id(2)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < HEAD_SIZE
-    key_lo = split * keys_per_split
-    key_hi = tl.minimum(key_lo + keys_per_split, n)
-    head = kv_head.to(tl.int64)
-
-    rr = row_lo + tl.arange(0, BLOCK_R)
-    mask_r = rr < group_rows
-    q, r = load_query_rows(
-        q_ptr, kv_head, rr, mask_r, offs_d, mask_d, rows_per_head,
-        q_stride_h, q_stride_r, q_stride_d, GROUP, DOT_FP32,
-    )  # fmt: skip
-    q_pos = tl.load(q_pos_ptr + r, mask=mask_r, other=0).to(tl.int64)
-    row_vis = tl.load(vis_ptr + q_pos, mask=mask_r, other=0) != 0
-
-    m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
-    z_i = tl.zeros([BLOCK_R], tl.float32)
-    t_i = tl.zeros([BLOCK_R], tl.float32)
-    for key_start in range(key_lo, key_hi, BLOCK_N):
-        keys = key_start + tl.arange(0, BLOCK_N)
-        mask_n = keys < key_hi
-        k = load_k_tile(
-            cache_ptr, row_ptr, keys, mask_n, head, offs_d, mask_d,
-            block_stride, head_off_ptr, k_offset, k_token_stride, k_dim_stride,
-            BLOCK_SIZE, HEAD_ALIGN,
-        )  # fmt: skip
-        key_vis = tl.load(vis_ptr + keys, mask=mask_n, other=0) != 0
-        if DOT_FP32:
-            s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-        s = s * qk_scale
-        # text rows see visual keys, visual rows see text keys
-        visible = (key_vis[None, :] != row_vis[:, None]) & mask_n[None, :] & mask_r[:, None]
-        if CAUSAL:
-            visible = visible & (keys[None, :] <= q_pos[:, None])
-        m_new = tl.maximum(m_i, tl.max(tl.where(visible, s, float("-inf")), 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        diff = tl.where(visible, s - m_use[:, None], 0.0)
-        p = tl.where(visible, tl.exp2(diff), 0.0)
-        # rescale the old sums to the new max: T' -> a (T' + (m_old - m_new) Z')
-        alpha = tl.exp2(m_i - m_use)
-        shift = tl.where(z_i > 0, m_i - m_use, 0.0)
-        t_i = alpha * (t_i + shift * z_i) + tl.sum(p * diff, 1)
-        z_i = alpha * z_i + tl.sum(p, 1)
-        m_i = m_new
-
-    out = (kv_head * num_splits + split).to(tl.int64) * group_rows + rr
-    tl.store(m_ptr + out, m_i, mask=mask_r)
-    tl.store(z_ptr + out, z_i, mask=mask_r)
-    tl.store(t_ptr + out, t_i, mask=mask_r)
+from .split_stats import SplitStats, split_stats
+from .window_scores import finish_scores, paged_window_scores
 
 
 @triton.jit
@@ -142,9 +50,12 @@ def _entropy_combine_kernel(
     num_kv_heads,
     rows_per_head,
     group_rows,
+    stats_rows,
+    row_offset,
     num_splits,
     BLOCK_R: tl.constexpr,
 ):
+    # the entropy rows are group_rows of every stats_rows-long partial row, from row_offset
     layer = tl.program_id(0)  # one program per layer of the set: heads [layer * H_kv, +H_kv)
     text_sum = tl.zeros([BLOCK_R], tl.float32)
     text_cnt = tl.zeros([BLOCK_R], tl.float32)
@@ -160,7 +71,7 @@ def _entropy_combine_kernel(
             z_i = tl.zeros([BLOCK_R], tl.float32)
             t_i = tl.zeros([BLOCK_R], tl.float32)
             for split in range(0, num_splits):
-                at = (kv_head * num_splits + split).to(tl.int64) * group_rows + rr
+                at = (kv_head * num_splits + split).to(tl.int64) * stats_rows + row_offset + rr
                 m_s = tl.load(m_ptr + at, mask=mask_r, other=float("-inf"))
                 z_s = tl.load(z_ptr + at, mask=mask_r, other=0.0)
                 t_s = tl.load(t_ptr + at, mask=mask_r, other=0.0)
@@ -195,61 +106,39 @@ def _entropy_combine_kernel(
 
 def _launch(q, q_pos, caches: CacheSet, row, n, vis, scale, causal, group):
     """``[L, 2]`` per layer of the set."""
-    cache, layout = caches.base, caches.layout
-    h_kv, d = caches.num_heads, layout.head_size
-    device = cache.device
-    rows = q.shape[1]
-    group_rows = group * rows
-    if n == 0 or rows == 0:
-        return torch.full((caches.num_layers, 2), float("nan"), dtype=torch.float32, device=device)
+    if n == 0 or q.shape[1] == 0:
+        return empty_entropy(caches)
+    stats = split_stats(q, q_pos, caches, row, n, scale, group, 0, vis, causal)
+    return finish_entropy(q_pos, caches, vis, stats)
+
+
+def empty_entropy(caches: CacheSet) -> torch.Tensor:
+    """No row or no key: NaN in both directions of every layer."""
+    shape = (caches.num_layers, 2)
+    return torch.full(shape, float("nan"), dtype=torch.float32, device=caches.device)
+
+
+def finish_entropy(q_pos, caches: CacheSet, vis, stats: SplitStats) -> torch.Tensor:
+    """Fold the entropy rows' partials (``q_pos``: their positions; they follow the
+    window rows in ``stats``) into ``[L, 2]``: one program per layer."""
+    device = caches.device
     out = torch.empty((caches.num_layers, 2), dtype=torch.float32, device=device)  # all written
     vis_u8 = vis.view(torch.uint8) if vis.dtype == torch.bool else vis.to(torch.uint8)
-    block_d = max(16, triton.next_power_of_2(d))
-    dot_fp32 = dot_in_fp32(q.dtype, cache.dtype, device)
-    block_r, block_n, warps = dot_tiles(group_rows, dot_fp32, device)
-    row_blocks = triton.cdiv(group_rows, block_r)
-    keys_per_split, splits = plan_splits(n, block_n, h_kv * row_blocks, device)
-    m = torch.empty((h_kv, splits, group_rows), dtype=torch.float32, device=device)
-    z = torch.empty_like(m)
-    t = torch.empty_like(m)
-    launchable(_entropy_partial_kernel, device)[(row_blocks, splits, h_kv)](
-        q,
-        q_pos,
-        vis_u8,
-        cache,
-        row,
-        m,
-        z,
-        t,
-        n,
-        rows,
-        group_rows,
-        keys_per_split,
-        *q.stride(),
-        *layout.k_args(caches.head_offsets),
-        scale * LOG2E,
-        GROUP=group,
-        CAUSAL=bool(causal),
-        BLOCK_SIZE=layout.block_size,
-        HEAD_ALIGN=caches.head_align,
-        HEAD_SIZE=d,
-        DOT_FP32=dot_fp32,
-        BLOCK_R=block_r,
-        BLOCK_N=block_n,
-        BLOCK_D=block_d,
-        num_warps=warps,
-    )
+    rows = q_pos.shape[0]
+    group_rows = stats.group * rows
     launchable(_entropy_combine_kernel, device)[(caches.num_layers,)](
-        m,
-        z,
-        t,
+        stats.m,
+        stats.z,
+        stats.t,
         q_pos,
         vis_u8,
         out,
-        layout.num_kv_heads,
+        caches.layout.num_kv_heads,
         rows,
         group_rows,
-        splits,
+        stats.stats_rows,
+        stats.group * stats.window_rows,
+        stats.splits,
         BLOCK_R=min(1024, triton.next_power_of_2(group_rows)),
     )
     return out
@@ -316,12 +205,7 @@ def paged_cross_modal_entropy(
     cache = caches.base
     check_row(row, cache, layout, n)
     group = check_queries(q, q_pos, caches, n)
-    if not isinstance(vis, torch.Tensor) or vis.dim() != 1 or vis.dtype != torch.bool:
-        raise ValueError("vis must be a 1-D bool tensor (True = visual position)")
-    if vis.shape[0] != n:
-        raise ValueError(f"vis has {vis.shape[0]} entries, expected n = {n}")
-    if vis.device != cache.device:
-        raise ValueError(f"vis is on {vis.device} but cache is on {cache.device}")
+    _check_vis(vis, n, caches)
     scale = 1.0 / math.sqrt(layout.head_size) if scale is None else float(scale)
     if resolve_backend(backend, cache.device) == "torch":
         out = torch.stack([
@@ -331,3 +215,62 @@ def paged_cross_modal_entropy(
     else:
         out = _launch(q, q_pos, caches, row, n, vis, scale, causal, group)
     return out if caches.is_set else out[0]
+
+
+def _check_vis(vis, n: int, caches: CacheSet) -> None:
+    if not isinstance(vis, torch.Tensor) or vis.dim() != 1 or vis.dtype != torch.bool:
+        raise ValueError("vis must be a 1-D bool tensor (True = visual position)")
+    if vis.shape[0] != n:
+        raise ValueError(f"vis has {vis.shape[0]} entries, expected n = {n}")
+    if vis.device != caches.device:
+        raise ValueError(f"vis is on {vis.device} but cache is on {caches.device}")
+
+
+def paged_scores_and_entropy(
+    q: torch.Tensor,
+    q_pos: torch.Tensor,
+    window_rows: int,
+    cache: torch.Tensor | Sequence[torch.Tensor],
+    layout: PagedKVLayout,
+    row: torch.Tensor,
+    n: int,
+    vis: torch.Tensor,
+    scale: float | None = None,
+    causal: bool = False,
+    *,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`~.window_scores.paged_window_scores` and :func:`paged_cross_modal_entropy`
+    with one read of K (MEDA needs both): their first passes share one launch.
+
+    Rows ``[0, window_rows)`` of ``q [H, R, D]`` / ``q_pos [R]`` are the window's, the
+    others the entropy sample. Returns what the two ops return for those rows:
+    ``(scores [H_kv, n], entropy [2])``, or ``[L * H_kv, n]`` and ``[L, 2]`` for a layer set.
+    """
+    caches = check_caches(cache, layout)
+    check_row(row, caches.base, layout, n)
+    group = check_queries(q, q_pos, caches, n)
+    _check_vis(vis, n, caches)
+    if isinstance(window_rows, bool) or not isinstance(window_rows, int):
+        raise ValueError(f"window_rows must be an int, got {window_rows!r}")
+    if not 0 <= window_rows <= q.shape[1]:
+        raise ValueError(f"window_rows = {window_rows} outside [0, {q.shape[1]}] (rows of q)")
+    scale = 1.0 / math.sqrt(layout.head_size) if scale is None else float(scale)
+    q_win, pos_win = q[:, :window_rows], q_pos[:window_rows]
+    q_ent, pos_ent = q[:, window_rows:], q_pos[window_rows:]
+    fused = (
+        resolve_backend(backend, caches.device) == "triton"
+        and n > 0
+        and 0 < window_rows < q.shape[1]
+    )
+    if not fused:  # the reference, or one of the sets is empty: the two ops as they are
+        paged = (cache, layout, row, n)
+        return (
+            paged_window_scores(q_win, pos_win, *paged, scale, backend=backend),
+            paged_cross_modal_entropy(q_ent, pos_ent, *paged, vis, scale, causal, backend=backend),
+        )
+    stats = split_stats(q, q_pos, caches, row, n, scale, group, window_rows, vis, causal)
+    scores = torch.zeros((caches.num_heads, n), dtype=torch.float32, device=caches.device)
+    finish_scores(q_win, pos_win, caches, row, n, scale, stats, scores)
+    entropy = finish_entropy(pos_ent, caches, vis, stats)
+    return scores, entropy if caches.is_set else entropy[0]

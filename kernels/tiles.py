@@ -93,20 +93,22 @@ def load_query_rows(
     offs_d,
     mask_d,
     rows_per_head,
+    row_base,
     q_stride_h,
     q_stride_r,
     q_stride_d,
     GROUP: tl.constexpr,
     DOT_FP32: tl.constexpr,
 ):
-    """Rows ``rr`` of KV head ``kv_head``'s GQA group, ``q [H, R, D]`` flattened so that row
-    ``rr`` is query head ``kv_head * GROUP + rr // R``, window row ``rr % R``.
+    """Rows ``rr`` of KV head ``kv_head``'s GQA group over the ``rows_per_head`` rows of
+    ``q [H, R, D]`` from row ``row_base`` on, flattened so that ``rr`` is query head
+    ``kv_head * GROUP + rr // rows_per_head``, row ``row_base + rr % rows_per_head``.
 
     Returns ``(q [BLOCK_R, BLOCK_D], r)``: the rows (widened to fp32 when the dot runs in
-    fp32) and their window row index ``r`` (to look up ``q_pos``).
+    fp32) and their row index ``r`` in ``q`` (to look up ``q_pos``).
     """
     q_head = kv_head * GROUP + rr // rows_per_head
-    r = rr % rows_per_head
+    r = row_base + rr % rows_per_head
     q_addr = q_head.to(tl.int64) * q_stride_h + r * q_stride_r
     q = tl.load(
         q_ptr + q_addr[:, None] + offs_d[None, :] * q_stride_d,

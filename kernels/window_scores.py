@@ -4,7 +4,8 @@
 with the causal mask ``i <= q_pos[r]`` and fp32 softmax. Two passes over K, never more
 than one ``[BLOCK_R, BLOCK_N]`` tile of probabilities alive:
 
-1. split-K row statistics: each program scans a chunk of keys for one block of the
+1. split-K row statistics (``split_stats.py``, shared with MEDA's entropy, which can ride
+   along in the same launch): each program scans a chunk of keys for one block of the
    ``g*R`` rows of one KV head with an online softmax (running max ``m``, sum ``l``, base
    2); the row blocks of a chunk are neighbours in the grid, so they share its K in L2;
 2. a tiny combine kernel folds the chunks into ``lse = m + log2(l)`` per row;
@@ -24,100 +25,23 @@ import torch
 import triton
 import triton.language as tl
 
-from .dispatch import dot_in_fp32, dot_tiles, launchable, plan_splits, resolve_backend
+from .dispatch import dot_in_fp32, dot_tiles, launchable, resolve_backend
 from .gather import gather_pages_reference, per_layer
 from .layout import CacheSet, PagedKVLayout, check_caches, check_queries, check_row
+from .split_stats import LOG2E, SplitStats, split_stats
 from .tiles import load_k_tile, load_query_rows
 
-LOG2E = 1.4426950408889634
-
 
 @triton.jit
-def _row_stats_kernel(
-    q_ptr,
-    q_pos_ptr,
-    cache_ptr,
-    row_ptr,
-    m_ptr,
-    l_ptr,
-    n,
-    rows_per_head,
-    group_rows,
-    keys_per_split,
-    q_stride_h,
-    q_stride_r,
-    q_stride_d,
-    block_stride,
-    head_off_ptr,
-    k_offset,
-    k_token_stride,
-    k_dim_stride,
-    qk_scale,
-    GROUP: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr,
-    HEAD_ALIGN: tl.constexpr,
-    HEAD_SIZE: tl.constexpr,
-    DOT_FP32: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    # Row blocks vary fastest in the grid: the programs of one key chunk run together and
-    # share its K through L2, so K comes from DRAM once however many row blocks there are.
-    row_lo = tl.program_id(0) * BLOCK_R
-    split = tl.program_id(1)
-    num_splits = tl.num_programs(1)
-    kv_head = tl.program_id(2)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < HEAD_SIZE
-    key_lo = split * keys_per_split
-    key_hi = tl.minimum(key_lo + keys_per_split, n)
-    head = kv_head.to(tl.int64)
-
-    rr = row_lo + tl.arange(0, BLOCK_R)
-    mask_r = rr < group_rows
-    q, r = load_query_rows(
-        q_ptr, kv_head, rr, mask_r, offs_d, mask_d, rows_per_head,
-        q_stride_h, q_stride_r, q_stride_d, GROUP, DOT_FP32,
-    )  # fmt: skip
-    q_pos = tl.load(q_pos_ptr + r, mask=mask_r, other=-1).to(tl.int64)
-
-    m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_R], tl.float32)
-    for key_start in range(key_lo, key_hi, BLOCK_N):
-        keys = key_start + tl.arange(0, BLOCK_N)
-        mask_n = keys < key_hi
-        k = load_k_tile(
-            cache_ptr, row_ptr, keys, mask_n, head, offs_d, mask_d,
-            block_stride, head_off_ptr, k_offset, k_token_stride, k_dim_stride,
-            BLOCK_SIZE, HEAD_ALIGN,
-        )  # fmt: skip
-        if DOT_FP32:
-            s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-        visible = (keys[None, :] <= q_pos[:, None]) & mask_n[None, :]
-        s = tl.where(visible, s * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_use[:, None])
-        l_i = l_i * tl.exp2(m_i - m_use) + tl.sum(p, 1)
-        m_i = m_new
-
-    out = (kv_head * num_splits + split).to(tl.int64) * group_rows + rr
-    tl.store(m_ptr + out, m_i, mask=mask_r)
-    tl.store(l_ptr + out, l_i, mask=mask_r)
-
-
-@triton.jit
-def _lse_kernel(m_ptr, l_ptr, lse_ptr, group_rows, num_splits, BLOCK_R: tl.constexpr):
+def _lse_kernel(m_ptr, l_ptr, lse_ptr, group_rows, stats_rows, num_splits, BLOCK_R: tl.constexpr):
+    # the window rows are the first group_rows of every stats_rows-long partial row
     kv_head = tl.program_id(0)
     rr = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     mask_r = rr < group_rows
     m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_R], tl.float32)
     for split in range(0, num_splits):
-        at = (kv_head * num_splits + split).to(tl.int64) * group_rows + rr
+        at = (kv_head * num_splits + split).to(tl.int64) * stats_rows + rr
         m_s = tl.load(m_ptr + at, mask=mask_r, other=float("-inf"))
         l_s = tl.load(l_ptr + at, mask=mask_r, other=0.0)
         m_new = tl.maximum(m_i, m_s)
@@ -179,7 +103,7 @@ def _scores_kernel(
         rr = row_lo + tl.arange(0, BLOCK_R)
         mask_r = rr < group_rows
         q, r = load_query_rows(
-            q_ptr, kv_head, rr, mask_r, offs_d, mask_d, rows_per_head,
+            q_ptr, kv_head, rr, mask_r, offs_d, mask_d, rows_per_head, 0,
             q_stride_h, q_stride_r, q_stride_d, GROUP, DOT_FP32,
         )  # fmt: skip
         q_pos = tl.load(q_pos_ptr + r, mask=mask_r, other=-1).to(tl.int64)
@@ -200,61 +124,33 @@ def _scores_kernel(
 
 
 def _launch(q, q_pos, caches: CacheSet, row, n: int, scale: float, group: int):
+    out = torch.zeros((caches.num_heads, n), dtype=torch.float32, device=caches.device)
+    if n == 0 or q.shape[1] == 0:
+        return out
+    stats = split_stats(q, q_pos, caches, row, n, scale, group, window_rows=q.shape[1])
+    return finish_scores(q, q_pos, caches, row, n, scale, stats, out)
+
+
+def finish_scores(q, q_pos, caches: CacheSet, row, n: int, scale: float, stats: SplitStats, out):
+    """Passes 2-3 over ``q``/``q_pos`` (the window rows, first in ``stats``): fold the
+    chunks into ``lse``, then sum the probabilities per key into ``out [H_kv, n]``."""
     cache, layout = caches.base, caches.layout
     h_kv, d = caches.num_heads, layout.head_size
     device = cache.device
-    out = torch.zeros((h_kv, n), dtype=torch.float32, device=device)
-    rows = q.shape[1]
+    rows, group = q.shape[1], stats.group
     group_rows = group * rows
-    if n == 0 or rows == 0:
-        return out
-    block_d = max(16, triton.next_power_of_2(d))
-    dot_fp32 = dot_in_fp32(q.dtype, cache.dtype, device)
-    block_r, block_n, warps = dot_tiles(group_rows, dot_fp32, device)
-    qk_scale = scale * LOG2E
-    row_blocks = triton.cdiv(group_rows, block_r)
-    keys_per_split, splits = plan_splits(n, block_n, h_kv * row_blocks, device)
-    m = torch.empty((h_kv, splits, group_rows), dtype=torch.float32, device=device)
-    l_sum = torch.empty_like(m)
     lse = torch.empty((h_kv, group_rows), dtype=torch.float32, device=device)
-    geometry = dict(
-        GROUP=group,
-        BLOCK_SIZE=layout.block_size,
-        HEAD_ALIGN=caches.head_align,
-        HEAD_SIZE=d,
-        DOT_FP32=dot_fp32,
-        BLOCK_R=block_r,
-        BLOCK_N=block_n,
-        BLOCK_D=block_d,
-    )
-    k_layout = layout.k_args(caches.head_offsets)
-    launchable(_row_stats_kernel, device)[(row_blocks, splits, h_kv)](
-        q,
-        q_pos,
-        cache,
-        row,
-        m,
-        l_sum,
-        n,
-        rows,
-        group_rows,
-        keys_per_split,
-        *q.stride(),
-        *k_layout,
-        qk_scale,
-        **geometry,
-        num_warps=warps,
-    )
     block_c = min(1024, triton.next_power_of_2(group_rows))
     launchable(_lse_kernel, device)[(h_kv, triton.cdiv(group_rows, block_c))](
-        m, l_sum, lse, group_rows, splits, BLOCK_R=block_c
+        stats.m, stats.z, lse, group_rows, stats.stats_rows, stats.splits, BLOCK_R=block_c
     )
+    dot_fp32 = dot_in_fp32(q.dtype, cache.dtype, device)
+    block_r, block_n, warps = dot_tiles(group_rows, dot_fp32, device)
     # The score pass reloads every query row (from L2) for each key tile it owns: wider
     # key tiles amortise that (Qwen2-VL: 7 x 32 rows = 57 KB of Q per tile, vs 8 KB of K
-    # in a 32-key tile); the row-statistics pass streams many key tiles per load instead.
+    # in a 32-key tile); the statistics pass streams many key tiles per load instead.
     # 64 keys: 2x less Q traffic than 32 and no register spills; 128 needs ~220 registers.
     block_n_scores = block_n if dot_fp32 else max(block_n, 64)
-    geometry = {**geometry, "BLOCK_N": block_n_scores}
     launchable(_scores_kernel, device)[(triton.cdiv(n, block_n_scores), h_kv)](
         q,
         q_pos,
@@ -266,10 +162,17 @@ def _launch(q, q_pos, caches: CacheSet, row, n: int, scale: float, group: int):
         rows,
         group_rows,
         *q.stride(),
-        *k_layout,
-        qk_scale,
+        *layout.k_args(caches.head_offsets),
+        scale * LOG2E,
         1.0 / group,
-        **geometry,
+        GROUP=group,
+        BLOCK_SIZE=layout.block_size,
+        HEAD_ALIGN=caches.head_align,
+        HEAD_SIZE=d,
+        DOT_FP32=dot_fp32,
+        BLOCK_R=block_r,
+        BLOCK_N=block_n_scores,
+        BLOCK_D=max(16, triton.next_power_of_2(d)),
         num_warps=warps,
     )
     return out

@@ -30,8 +30,8 @@ from meda_vllm.kernels import (
     PagedKVLayout,
     compact_,
     gather_kv,
-    paged_cross_modal_entropy,
     paged_merge,
+    paged_scores_and_entropy,
     paged_window_scores,
 )
 from meda_vllm.kernels.layout import same_geometry
@@ -78,26 +78,28 @@ def paged_layer_view(
     def dense() -> tuple[Tensor, Tensor]:
         return gather_kv(cache, layout, row, n)
 
+    win_sel = score_sel if score_sel is not None else torch.arange(queries.shape[1])
+    win_sel = win_sel.to(query_pos.device)
+
     def window_scores() -> Tensor:
-        sel = score_sel if score_sel is not None else torch.arange(queries.shape[1])
-        sel = sel.to(query_pos.device)
+        sel = win_sel
         return paged_window_scores(queries[:, sel], query_pos[sel], cache, layout, row, n)
 
-    def layer_entropy() -> Tensor:  # 0-d, or [L] for a layer set: MEDA copies them at once
-        e = paged_cross_modal_entropy(
-            queries[:, entropy_sel],
-            query_pos[entropy_sel],
-            cache,
-            layout,
-            row,
-            n,
-            vis,
-            causal=entropy_causal,
-        )
-        return e.sum(-1)
-
     if entropy is None and entropy_sel is not None and vis is not None:
-        entropy = layer_entropy
+        # MEDA: scores and entropy from one read of K (their first passes share a launch)
+
+        @functools.cache
+        def scores_and_entropy() -> tuple[Tensor, Tensor]:
+            sel = torch.cat([win_sel, entropy_sel.to(query_pos.device)])
+            s, e = paged_scores_and_entropy(
+                queries[:, sel], query_pos[sel], win_sel.numel(), cache, layout, row, n,
+                vis, causal=entropy_causal,
+            )  # fmt: skip
+            return s, e.sum(-1)  # entropy: 0-d, or [L] for a layer set (one host copy)
+
+        if scores is None:
+            scores = lambda: scores_and_entropy()[0]  # noqa: E731
+        entropy = lambda: scores_and_entropy()[1]  # noqa: E731
 
     def merge(kept: Tensor, mode: str, weights: Tensor | None):
         w = merge_weights(weights) if mode == "weighted" else None

@@ -36,7 +36,8 @@ V2_KERNEL_PREFIX = "vllm.v1.worker.gpu."  # Model Runner V2's own Triton kernels
 MEDA_KERNELS = {
     "meda_vllm.kernels.gather._gather_kernel",
     "meda_vllm.kernels.window_scores._scores_kernel",
-    "meda_vllm.kernels.entropy._entropy_partial_kernel",
+    "meda_vllm.kernels.split_stats._split_stats_kernel",  # scores + entropy, one launch
+    "meda_vllm.kernels.entropy._entropy_combine_kernel",
     "meda_vllm.kernels.compact._write_kernel",
     # MEDA merges from the pages (paged_merge), not from dense torch copies of K/V
     "meda_vllm.kernels.merge._match_kernel",

@@ -131,7 +131,7 @@ def test_parse_ptxas_counts_spills_and_shared_memory():
 
 def test_recording_takes_the_gpu_branch_and_runs_nothing():
     """Inside ``recording_launches`` the launcher picks GPU tiles for CPU tensors, records
-    its three launches (row stats, lse, scores) and writes nothing."""
+    its three launches (split-K statistics, lse, scores) and writes nothing."""
     n, h_kv, d = 300, 2, 64
     cache = torch.randn(12, h_kv, 32, 2 * d)
     layout = PagedKVLayout.from_logical(cache)
@@ -141,7 +141,7 @@ def test_recording_takes_the_gpu_branch_and_runs_nothing():
     with recording_launches(num_sms=100) as launches:
         out = paged_window_scores(q, q_pos, cache, layout, row, n, backend="triton")
     assert [launch.kernel.fn.__name__ for launch in launches] == [
-        "_row_stats_kernel",
+        "_split_stats_kernel",
         "_lse_kernel",
         "_scores_kernel",
     ]
