@@ -14,30 +14,15 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "unit"))
 
-from _util import make_request  # noqa: E402 (the tests' own synthetic requests)
+from _util import entropy_request  # noqa: E402 (the tests' own synthetic layers)
 
 from meda_vllm.entropy import cross_modal_entropy_exact, layer_entropy  # noqa: E402
 from meda_vllm.modality import entropy_query_positions  # noqa: E402
 
 WINDOW, STRIDE = 32, 8
-
-
-def request(n: int, seed: int, heterogeneous: bool):
-    req = make_request(
-        num_layers=5, heads=4, kv_heads=2, n=n, head_dim=16,
-        sharpness=[0.5, 1.0, 1.5, 2.0, 3.0], seed=seed,
-    )  # fmt: skip
-    if heterogeneous:
-        gen = torch.Generator().manual_seed(100 + seed)
-        for layer in range(5):
-            temp = torch.rand(n, generator=gen) * 1.5 + 0.25
-            req.queries[layer] = req.queries[layer] * temp[None, :, None]
-    return req
 
 
 def main() -> None:
@@ -53,7 +38,7 @@ def main() -> None:
         worst = {False: 0.0, True: 0.0}
         for heterogeneous in (False, True):
             for seed in range(args.seeds):
-                req = request(args.n, seed, heterogeneous)
+                req = entropy_request(seed, heterogeneous, args.n)
                 pos = entropy_query_positions(req.n, req.vis, WINDOW, STRIDE, cap)
                 for causal in (False, True):
                     for layer in range(5):

@@ -122,3 +122,19 @@ def apply_layer_plan(keys: Tensor, values: Tensor, plan) -> tuple[Tensor, Tensor
     new_k = keys.gather(1, idx) if plan.keys is None else plan.keys
     new_v = values.gather(1, idx) if plan.values is None else plan.values
     return new_k, new_v
+
+
+def entropy_request(seed: int, heterogeneous: bool, n: int = 480) -> SyntheticRequest:
+    """The entropy-tracking layers (test_entropy.py, benchmarks/entropy_sample.py): 5
+    layers with query scales 0.5 to 3, GQA 2, D 16; ``heterogeneous`` also scales each
+    row's queries by a temperature drawn from U[0.25, 1.75]."""
+    req = make_request(
+        num_layers=5, heads=4, kv_heads=2, n=n, head_dim=16,
+        sharpness=[0.5, 1.0, 1.5, 2.0, 3.0], seed=seed,
+    )  # fmt: skip
+    if heterogeneous:
+        gen = torch.Generator().manual_seed(100 + seed)
+        for layer in range(5):
+            temp = torch.rand(n, generator=gen) * 1.5 + 0.25
+            req.queries[layer] = req.queries[layer] * temp[None, :, None]
+    return req

@@ -14,7 +14,7 @@ import math
 
 import pytest
 import torch
-from _util import make_request
+from _util import entropy_request, make_request
 
 from meda_vllm.entropy import cross_modal_entropy, cross_modal_entropy_exact, layer_entropy
 from meda_vllm.modality import entropy_query_positions
@@ -58,19 +58,6 @@ def test_override_is_used():
     assert layer_entropy(view, 4, 8, False) == 1.25
 
 
-def _request(seed, heterogeneous, n=480):
-    sharp = [0.5, 1.0, 1.5, 2.0, 3.0]
-    req = make_request(
-        num_layers=5, heads=4, kv_heads=2, n=n, head_dim=16, sharpness=sharp, seed=seed
-    )
-    if heterogeneous:
-        gen = torch.Generator().manual_seed(100 + seed)
-        for layer in range(5):
-            temp = torch.rand(n, generator=gen) * 1.5 + 0.25
-            req.queries[layer] = req.queries[layer] * temp[None, :, None]
-    return req
-
-
 # (N, most visual rows): the stride alone (36 visual rows), and a cap that raises the
 # stride from 8 to 45 (32 visual rows out of 1440), as the default cap (128) does past
 # 1024 visual tokens
@@ -79,7 +66,7 @@ def _request(seed, heterogeneous, n=480):
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_sampled_entropy_tracks_exact(heterogeneous, causal, seed, n, visual_rows):
-    req = _request(seed, heterogeneous, n)
+    req = entropy_request(seed, heterogeneous, n)
     tol = TOL_HETEROGENEOUS if heterogeneous else TOL_HOMOGENEOUS
     window, stride = 32, 8
     pos = entropy_query_positions(req.n, req.vis, window, stride, visual_rows)
