@@ -106,16 +106,11 @@ def _entropy_combine_kernel(
 
 def _launch(q, q_pos, caches: CacheSet, row, n, vis, scale, causal, group):
     """``[L, 2]`` per layer of the set."""
-    if n == 0 or q.shape[1] == 0:
-        return empty_entropy(caches)
+    if n == 0 or q.shape[1] == 0:  # no row or no key: NaN in both directions
+        shape = (caches.num_layers, 2)
+        return torch.full(shape, float("nan"), dtype=torch.float32, device=caches.device)
     stats = split_stats(q, q_pos, caches, row, n, scale, group, 0, vis, causal)
     return finish_entropy(q_pos, caches, vis, stats)
-
-
-def empty_entropy(caches: CacheSet) -> torch.Tensor:
-    """No row or no key: NaN in both directions of every layer."""
-    shape = (caches.num_layers, 2)
-    return torch.full(shape, float("nan"), dtype=torch.float32, device=caches.device)
 
 
 def finish_entropy(q_pos, caches: CacheSet, vis, stats: SplitStats) -> torch.Tensor:

@@ -78,11 +78,12 @@ def paged_layer_view(
     def dense() -> tuple[Tensor, Tensor]:
         return gather_kv(cache, layout, row, n)
 
-    win_sel = score_sel if score_sel is not None else torch.arange(queries.shape[1])
-    win_sel = win_sel.to(query_pos.device)
+    def win_sel() -> Tensor:  # the rows the window scores sum over
+        sel = score_sel if score_sel is not None else torch.arange(queries.shape[1])
+        return sel.to(query_pos.device)
 
     def window_scores() -> Tensor:
-        sel = win_sel
+        sel = win_sel()
         return paged_window_scores(queries[:, sel], query_pos[sel], cache, layout, row, n)
 
     if entropy is None and entropy_sel is not None and vis is not None:
@@ -90,9 +91,10 @@ def paged_layer_view(
 
         @functools.cache
         def scores_and_entropy() -> tuple[Tensor, Tensor]:
-            sel = torch.cat([win_sel, entropy_sel.to(query_pos.device)])
+            window = win_sel()
+            sel = torch.cat([window, entropy_sel.to(query_pos.device)])
             s, e = paged_scores_and_entropy(
-                queries[:, sel], query_pos[sel], win_sel.numel(), cache, layout, row, n,
+                queries[:, sel], query_pos[sel], window.numel(), cache, layout, row, n,
                 vis, causal=entropy_causal,
             )  # fmt: skip
             return s, e.sum(-1)  # entropy: 0-d, or [L] for a layer set (one host copy)
