@@ -386,6 +386,7 @@ def roofline_table(gbps: float, tflops: float, sizes) -> str:
 
 # ---------------------------------------------------------------------- main
 def main(argv=None) -> int:
+    global VIS_ROWS
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny CPU smoke run")
     ap.add_argument("--sizes", type=str, default=None, help="comma-separated N values")
@@ -400,7 +401,15 @@ def main(argv=None) -> int:
         metavar="GBPS,TFLOPS",
         help="print the models' lower bounds for this bandwidth and GEMM peak; no GPU needed",
     )
+    ap.add_argument(
+        "--visual-rows",
+        type=int,
+        default=VIS_ROWS,
+        metavar="R",
+        help=f"MEDA's entropy sample cap, kv_meda_visual_rows (default {VIS_ROWS}; 0: none)",
+    )
     args = ap.parse_args(argv)
+    VIS_ROWS = args.visual_rows
     if args.sizes:
         sizes = [int(x) for x in args.sizes.split(",")]
     if args.roofline:
