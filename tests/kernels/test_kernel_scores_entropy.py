@@ -25,8 +25,8 @@ def _rows(n, window, stride, seed=0):
     return torch.cat([torch.arange(n - window, n), sample])
 
 
-def _case(layout, dtype, n, h_kv, group, layers, window, stride=5):
-    req = paged_request(n, layers, h_kv, 32, 16, layout=layout, dtype=dtype, seed=layers)
+def _case(layout, dtype, n, h_kv, group, layers, window, stride=5, head_size=32, bs=16):
+    req = paged_request(n, layers, h_kv, head_size, bs, layout=layout, dtype=dtype, seed=layers)
     pos = _rows(n, window, stride)
     q = torch.cat(req.query_rows(h_kv * group, pos))  # [L * H, R, D]
     caches = req.caches if layers > 1 else req.caches[0]
@@ -72,6 +72,20 @@ def test_fused_equals_the_two_ops(layout, dtype, h_kv, group, layers, window, ca
     )
     torch.testing.assert_close(both[0], ref_s)
     torch.testing.assert_close(both[1], ref_e, equal_nan=True)
+
+
+@pytest.mark.parametrize("head_size,block_size", [(64, 128), (80, 16), (128, 128)])
+def test_fused_head_and_block_sizes(head_size, block_size):
+    req, caches, q, pos = _case(
+        "nhd", torch.bfloat16, 150, 2, 4, 1, 12, head_size=head_size, bs=block_size
+    )
+    lay = req.layouts[0]
+    got = paged_scores_and_entropy(
+        q, pos, 12, caches, lay, req.row, req.n, req.vis, causal=True, backend="triton"
+    )
+    want = _separate(q, pos, 12, caches, lay, req, True, "torch")
+    torch.testing.assert_close(got[0], want[0], rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(got[1], want[1], rtol=2e-2, atol=2e-2, equal_nan=True)
 
 
 @pytest.mark.parametrize("window", [0, "all"])
