@@ -13,15 +13,20 @@ so this module
 2. specialises each launch exactly as Triton's JIT would (the same binder and
    ``_pack_args``: argument types, 16-byte alignment and divisibility attributes,
    constexprs, ``num_warps``) and compiles it for ``sm_<arch>`` down to a cubin;
-3. runs ``ptxas -v`` on the PTX to read registers, spills and the kernel's shared memory.
+3. runs ``ptxas -v`` on the PTX to read registers, spills and the kernel's shared memory,
+   and checks that the ``tl.dot`` kernels (:data:`TILE_KERNELS`) copy their K tiles into
+   shared memory with 16-byte ``cp.async``: the compiler does so only when it knows the
+   rows' alignment (``HEAD_ALIGN``); without it the tiles are loaded element by element
+   (``ld.global.b16``), unpipelined, which costs bandwidth even without spills.
 
 Usage (no GPU, Triton's own interpreter must be off)::
 
     python -m meda_vllm.kernels.compile_check                # sm_90a and sm_80
     python -m meda_vllm.kernels.compile_check --arch 90 --json out.json
 
-Exit status 1 when a launch fails to compile, spills registers, or needs more shared
-memory than the architecture has. The matrix is :data:`CASES`.
+Exit status 1 when a launch fails to compile, spills registers, needs more shared memory
+than the architecture has, or loads its tiles element by element. The matrix is
+:data:`CASES`.
 """
 
 from __future__ import annotations
@@ -96,6 +101,7 @@ class Result:
     registers: int | None = None
     spill_bytes: int | None = None
     shared_bytes: int | None = None
+    wide_copies: int | None = None
     error: str | None = None
     compile_s: float = 0.0
 
@@ -167,6 +173,20 @@ def record(case: Case, num_sms: int):
 
 
 # ---------------------------------------------------------------------- compiling
+_ASYNC_COPY = re.compile(
+    r"cp\.async\.c[ag]\.shared\.global(?:\.[\w:]+)*\s*\[[^\]]*\],\s*\[[^\]]*\],\s*(0x[0-9a-fA-F]+|\d+)"
+)
+
+
+# the kernels that stream K tiles into tl.dot: their tiles must arrive by 16-byte cp.async
+TILE_KERNELS = frozenset({"_split_stats_kernel", "_scores_kernel", "_match_kernel"})
+
+
+def wide_async_copies(ptx: str) -> int:
+    """How many ``cp.async`` global->shared copies in ``ptx`` move 16 bytes."""
+    return sum(int(size, 0) >= 16 for size in _ASYNC_COPY.findall(ptx))
+
+
 def parse_ptxas(text: str) -> tuple[int, int, int]:
     """(registers, spill bytes, static shared bytes) from ``ptxas -v`` output."""
     regs = re.search(r"Used (\d+) registers", text)
@@ -245,13 +265,17 @@ def compile_launch(launch, arch: int, case: str = "") -> Result:
     start = time.perf_counter()
     try:
         compiled, _ = _compile(launch, arch)
-        regs, spills, smem = _ptxas_info(compiled.asm["ptx"], arch)
+        ptx = compiled.asm["ptx"]
+        regs, spills, smem = _ptxas_info(ptx, arch)
         res.registers, res.spill_bytes = regs, spills
+        res.wide_copies = wide_async_copies(ptx)
         res.shared_bytes = max(smem, int(compiled.metadata.shared))
         limit = SHARED_LIMIT.get(arch, 101376)
         problems = []
         if spills:
             problems.append(f"spills {spills} bytes")
+        if res.kernel in TILE_KERNELS and not res.wide_copies:
+            problems.append("no 16-byte cp.async: tiles loaded element by element")
         if res.shared_bytes > limit:
             problems.append(f"shared {res.shared_bytes} > {limit} bytes")
         res.ok = not problems

@@ -18,7 +18,7 @@ import torch
 
 import meda_vllm.kernels as kernels_pkg
 from meda_vllm.kernels import PagedKVLayout, paged_window_scores
-from meda_vllm.kernels.compile_check import parse_ptxas
+from meda_vllm.kernels.compile_check import TILE_KERNELS, parse_ptxas
 from meda_vllm.kernels.dispatch import recording_launches
 
 NEEDS_INTERPRETER = False  # nothing here runs a kernel in this process
@@ -72,6 +72,8 @@ def test_every_kernel_launch_compiles_for_sm90_and_sm80(tmp_path):
     # every kernel the package defines is launched by some op in the matrix
     assert {r["kernel"] for r in results} == _all_kernel_names()
     assert all(r["spill_bytes"] == 0 and 0 < r["registers"] <= 255 for r in results)
+    # the tl.dot kernels' K tiles arrive by 16-byte async copies (vectorised, pipelined)
+    assert all(r["wide_copies"] > 0 for r in results if r["kernel"] in TILE_KERNELS)
     # bf16, fp16 and fp32 caches were all compiled (tensor-core and FMA dot paths)
     assert {"bfloat16", "float16", "float32"} <= {r["case"].split("/")[1] for r in results}
 
@@ -115,6 +117,42 @@ def test_compile_check_reports_a_kernel_that_does_not_compile(tmp_path):
     bad_ok, bad_error, good_ok, good_regs = json.loads(proc.stdout.strip().splitlines()[-1])
     assert not bad_ok and "power of 2" in bad_error.lower().replace("two", "2")
     assert good_ok and good_regs > 0
+
+
+@needs_ptxas
+def test_compile_check_reports_tiles_loaded_element_by_element(tmp_path):
+    """The check can fail on vectorisation: the statistics kernel recorded at LLaVA's
+    bf16 geometry passes with its real ``HEAD_ALIGN`` (16-byte cp.async K tiles) and is
+    reported with ``HEAD_ALIGN=1`` (the compiler no longer knows the rows' alignment and
+    loads the tiles one bf16 at a time, as it did before the head-offset table had one)."""
+    script = textwrap.dedent(
+        """
+        import json, torch
+        from meda_vllm.kernels import compile_check as cc
+        case = next(c for c in cc.CASES if c.name == "llava-1.5-7b" and c.dtype == torch.bfloat16)
+        launch = next(
+            l for l in cc.record(case, 132) if l.kernel.fn.__name__ == "_split_stats_kernel"
+        )
+        good = cc.compile_launch(launch, 90)
+        launch.kwargs["HEAD_ALIGN"] = 1
+        bad = cc.compile_launch(launch, 90)
+        print(json.dumps([good.ok, good.wide_copies, bad.ok, bad.wide_copies, bad.error]))
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        env=_compiler_env(),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    good_ok, good_wide, bad_ok, bad_wide, bad_error = json.loads(
+        proc.stdout.strip().splitlines()[-1]
+    )
+    assert good_ok and good_wide > 0
+    assert not bad_ok and bad_wide == 0 and "element by element" in bad_error
 
 
 def test_parse_ptxas_counts_spills_and_shared_memory():
