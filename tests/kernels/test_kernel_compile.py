@@ -44,6 +44,20 @@ def _compiler_env():
     return env
 
 
+def _run_json(args: list[str], cwd: Path):
+    """Run ``python *args`` with the compiler (no interpreter); its last line as JSON."""
+    proc = subprocess.run(
+        [sys.executable, *args],
+        env=_compiler_env(),
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def _all_kernel_names() -> set[str]:
     """Names of every ``@triton.jit`` kernel defined in the package (``_*_kernel``)."""
     names = set()
@@ -105,16 +119,7 @@ def test_compile_check_reports_a_kernel_that_does_not_compile(tmp_path):
     )
     path = tmp_path / "bad_kernel.py"  # @triton.jit needs its source in a file
     path.write_text(script)
-    proc = subprocess.run(
-        [sys.executable, str(path)],
-        env=_compiler_env(),
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    bad_ok, bad_error, good_ok, good_regs = json.loads(proc.stdout.strip().splitlines()[-1])
+    bad_ok, bad_error, good_ok, good_regs = _run_json([str(path)], tmp_path)
     assert not bad_ok and "power of 2" in bad_error.lower().replace("two", "2")
     assert good_ok and good_regs > 0
 
@@ -139,18 +144,7 @@ def test_compile_check_reports_tiles_loaded_element_by_element(tmp_path):
         print(json.dumps([good.ok, good.wide_copies, bad.ok, bad.wide_copies, bad.error]))
         """
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", script],
-        env=_compiler_env(),
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    good_ok, good_wide, bad_ok, bad_wide, bad_error = json.loads(
-        proc.stdout.strip().splitlines()[-1]
-    )
+    good_ok, good_wide, bad_ok, bad_wide, bad_error = _run_json(["-c", script], tmp_path)
     assert good_ok and good_wide > 0
     assert not bad_ok and bad_wide == 0 and "element by element" in bad_error
 
