@@ -118,7 +118,6 @@ def finish_entropy(q_pos, caches: CacheSet, vis, stats: SplitStats) -> torch.Ten
     window rows in ``stats``) into ``[L, 2]``: one program per layer."""
     device = caches.device
     out = torch.empty((caches.num_layers, 2), dtype=torch.float32, device=device)  # all written
-    vis_u8 = vis.view(torch.uint8) if vis.dtype == torch.bool else vis.to(torch.uint8)
     rows = q_pos.shape[0]
     group_rows = stats.group * rows
     launchable(_entropy_combine_kernel, device)[(caches.num_layers,)](
@@ -126,7 +125,7 @@ def finish_entropy(q_pos, caches: CacheSet, vis, stats: SplitStats) -> torch.Ten
         stats.z,
         stats.t,
         q_pos,
-        vis_u8,
+        vis.view(torch.uint8),  # a bool mask (checked by the public ops)
         out,
         caches.layout.num_kv_heads,
         rows,
@@ -196,13 +195,8 @@ def paged_cross_modal_entropy(
     A sequence of ``L`` layer caches (``q [L * H, R, D]``, layer-major) gives ``[L, 2]``
     in one pass (see ``CacheSet``).
     """
-    caches = check_caches(cache, layout)
-    cache = caches.base
-    check_row(row, cache, layout, n)
-    group = check_queries(q, q_pos, caches, n)
-    _check_vis(vis, n, caches)
-    scale = 1.0 / math.sqrt(layout.head_size) if scale is None else float(scale)
-    if resolve_backend(backend, cache.device) == "torch":
+    caches, group, scale = _checked(q, q_pos, cache, layout, row, n, vis, scale)
+    if resolve_backend(backend, caches.device) == "torch":
         out = torch.stack([
             paged_cross_modal_entropy_reference(ql, q_pos, c, layout, row, n, vis, scale, causal)
             for c, ql in zip(caches.tensors, q.chunk(caches.num_layers, dim=0), strict=True)
@@ -212,13 +206,19 @@ def paged_cross_modal_entropy(
     return out if caches.is_set else out[0]
 
 
-def _check_vis(vis, n: int, caches: CacheSet) -> None:
+def _checked(q, q_pos, cache, layout, row, n: int, vis, scale) -> tuple[CacheSet, int, float]:
+    """Validate the arguments both public ops share; ``(caches, GQA group, scale)``."""
+    caches = check_caches(cache, layout)
+    check_row(row, caches.base, layout, n)
+    group = check_queries(q, q_pos, caches, n)
     if not isinstance(vis, torch.Tensor) or vis.dim() != 1 or vis.dtype != torch.bool:
         raise ValueError("vis must be a 1-D bool tensor (True = visual position)")
     if vis.shape[0] != n:
         raise ValueError(f"vis has {vis.shape[0]} entries, expected n = {n}")
     if vis.device != caches.device:
         raise ValueError(f"vis is on {vis.device} but cache is on {caches.device}")
+    scale = 1.0 / math.sqrt(layout.head_size) if scale is None else float(scale)
+    return caches, group, scale
 
 
 def paged_scores_and_entropy(
@@ -242,15 +242,11 @@ def paged_scores_and_entropy(
     others the entropy sample. Returns what the two ops return for those rows:
     ``(scores [H_kv, n], entropy [2])``, or ``[L * H_kv, n]`` and ``[L, 2]`` for a layer set.
     """
-    caches = check_caches(cache, layout)
-    check_row(row, caches.base, layout, n)
-    group = check_queries(q, q_pos, caches, n)
-    _check_vis(vis, n, caches)
+    caches, group, scale = _checked(q, q_pos, cache, layout, row, n, vis, scale)
     if isinstance(window_rows, bool) or not isinstance(window_rows, int):
         raise ValueError(f"window_rows must be an int, got {window_rows!r}")
     if not 0 <= window_rows <= q.shape[1]:
         raise ValueError(f"window_rows = {window_rows} outside [0, {q.shape[1]}] (rows of q)")
-    scale = 1.0 / math.sqrt(layout.head_size) if scale is None else float(scale)
     q_win, pos_win = q[:, :window_rows], q_pos[:window_rows]
     q_ent, pos_ent = q[:, window_rows:], q_pos[window_rows:]
     fused = (
@@ -265,7 +261,6 @@ def paged_scores_and_entropy(
             paged_cross_modal_entropy(q_ent, pos_ent, *paged, vis, scale, causal, backend=backend),
         )
     stats = split_stats(q, q_pos, caches, row, n, scale, group, window_rows, vis, causal)
-    scores = torch.zeros((caches.num_heads, n), dtype=torch.float32, device=caches.device)
-    finish_scores(q_win, pos_win, caches, row, n, scale, stats, scores)
+    scores = finish_scores(q_win, pos_win, caches, row, n, scale, stats)
     entropy = finish_entropy(pos_ent, caches, vis, stats)
     return scores, entropy if caches.is_set else entropy[0]

@@ -188,7 +188,7 @@ def split_stats(
     """Launch the statistics pass (inputs already validated; ``n > 0``, ``R > 0``).
 
     Rows ``[0, window_rows)`` of ``q``/``q_pos`` are window rows, the rest entropy rows
-    (``vis``: the ``[n]`` modality mask, required when there are entropy rows).
+    (``vis``: the ``[n]`` bool modality mask, required when there are entropy rows).
     """
     cache, layout = caches.base, caches.layout
     h_kv, d, device = caches.num_heads, layout.head_size, cache.device
@@ -207,13 +207,10 @@ def split_stats(
     m = torch.empty((h_kv, splits, group * rows), dtype=torch.float32, device=device)
     z = torch.empty_like(m)
     t = torch.empty_like(m) if has_vis else None
-    vis_u8 = None
-    if has_vis:
-        vis_u8 = vis.view(torch.uint8) if vis.dtype == torch.bool else vis.to(torch.uint8)
     launchable(_split_stats_kernel, device)[(row_blocks, splits, h_kv)](
         q,
         q_pos,
-        vis_u8 if has_vis else m,  # not read without entropy rows
+        vis.view(torch.uint8) if has_vis else m,  # bool mask; not read without entropy rows
         cache,
         row,
         m,

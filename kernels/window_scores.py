@@ -124,19 +124,19 @@ def _scores_kernel(
 
 
 def _launch(q, q_pos, caches: CacheSet, row, n: int, scale: float, group: int):
-    out = torch.zeros((caches.num_heads, n), dtype=torch.float32, device=caches.device)
     if n == 0 or q.shape[1] == 0:
-        return out
+        return torch.zeros((caches.num_heads, n), dtype=torch.float32, device=caches.device)
     stats = split_stats(q, q_pos, caches, row, n, scale, group, window_rows=q.shape[1])
-    return finish_scores(q, q_pos, caches, row, n, scale, stats, out)
+    return finish_scores(q, q_pos, caches, row, n, scale, stats)
 
 
-def finish_scores(q, q_pos, caches: CacheSet, row, n: int, scale: float, stats: SplitStats, out):
+def finish_scores(q, q_pos, caches: CacheSet, row, n: int, scale: float, stats: SplitStats):
     """Passes 2-3 over ``q``/``q_pos`` (the window rows, first in ``stats``): fold the
-    chunks into ``lse``, then sum the probabilities per key into ``out [H_kv, n]``."""
+    chunks into ``lse``, then sum the probabilities per key: ``[H_kv, n]``."""
     cache, layout = caches.base, caches.layout
     h_kv, d = caches.num_heads, layout.head_size
     device = cache.device
+    out = torch.zeros((h_kv, n), dtype=torch.float32, device=device)
     rows, group = q.shape[1], stats.group
     group_rows = group * rows
     lse = torch.empty((h_kv, group_rows), dtype=torch.float32, device=device)
