@@ -35,3 +35,23 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     cached = os.environ.get("MEDA_TINY_MODEL_DIR")
     out = Path(cached) if cached else tmp_path_factory.mktemp("tiny-qwen2vl")
     return ensure(out, num_layers=2)
+
+
+@pytest.fixture(scope="session")
+def sharp_model_dir(tmp_path_factory) -> Path:
+    """The tiny Qwen2-VL with 4 layers of different attention sharpness (scaled queries),
+    for the reference-oracle tests: kept sets and positions show in its logprobs."""
+    from meda_vllm.testing.tiny_qwen2vl import ensure
+    from tests.oracle.check import SHARP_Q_SCALES
+
+    cached = os.environ.get("MEDA_TINY_MODEL_DIR")
+    out = Path(cached + "-sharp") if cached else tmp_path_factory.mktemp("tiny-qwen2vl-sharp")
+    return ensure(out, num_layers=len(SHARP_Q_SCALES), q_scales=SHARP_Q_SCALES)
+
+
+@pytest.fixture(scope="session")
+def oracle(sharp_model_dir):
+    """The reference decoder (HF transformers) on the sharp model's weights."""
+    from tests.oracle.reference import Oracle
+
+    return Oracle(sharp_model_dir)

@@ -190,8 +190,14 @@ def build(
     max_image_tokens: int = 1024,
     seed: int = 0,
     vocab_size: int = 1000,
+    q_scales: list[float] | None = None,
 ) -> dict:
-    """Write the checkpoint to ``out_dir`` and return a summary dict."""
+    """Write the checkpoint to ``out_dir`` and return a summary dict.
+
+    ``q_scales``: one factor per layer on that layer's query projection (weight and bias).
+    The random model attends almost uniformly; scaled queries make each layer's attention
+    as sharp as asked, so which tokens a compressed request kept shows in its logprobs.
+    """
     import torch
     from transformers import (
         GenerationConfig,
@@ -255,6 +261,14 @@ def build(
     config.pad_token_id = ids["<|endoftext|>"]
 
     model = Qwen2VLForConditionalGeneration(config).to(torch.float32).eval()
+    if q_scales is not None:
+        layers = model.model.language_model.layers
+        if len(q_scales) != len(layers):
+            raise ValueError(f"q_scales needs {len(layers)} factors (got {len(q_scales)})")
+        with torch.no_grad():
+            for layer, scale in zip(layers, q_scales, strict=True):
+                layer.self_attn.q_proj.weight.mul_(scale)
+                layer.self_attn.q_proj.bias.mul_(scale)
     model.generation_config = GenerationConfig(
         bos_token_id=ids["<|endoftext|>"],
         eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],
@@ -288,6 +302,7 @@ def build(
     summary = {
         "out_dir": str(out),
         "layers": num_layers,
+        "q_scales": q_scales,
         "vocab": len(tok),
         "params": sum(p.numel() for p in model.parameters()),
         "seconds": round(time.time() - t0, 2),
@@ -302,7 +317,10 @@ def ensure(out_dir: str | Path, **kwargs) -> Path:
     marker = out / "meda_tiny_model.json"
     if marker.exists():
         info = json.loads(marker.read_text())
-        if info.get("layers") == kwargs.get("num_layers", 2) and (out / "config.json").exists():
+        same = info.get("layers") == kwargs.get("num_layers", 2) and info.get(
+            "q_scales"
+        ) == kwargs.get("q_scales")
+        if same and (out / "config.json").exists():
             return out
     build(out, **kwargs)
     return out

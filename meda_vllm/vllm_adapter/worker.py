@@ -27,7 +27,7 @@ from meda_vllm.kernels import resolve_backend
 from meda_vllm.kernels.layout import PagedKVLayout
 from meda_vllm.modality import modality_mask
 from meda_vllm.paged_view import apply_plan, plan_paged_request
-from meda_vllm.vllm_adapter import capture, metrics, settings
+from meda_vllm.vllm_adapter import capture, metrics, plan_dump, settings
 from meda_vllm.vllm_adapter.log import logger
 from meda_vllm.vllm_adapter.scheduler import ARM_ATTR, RESULT_ATTR, cdiv
 
@@ -37,6 +37,7 @@ class RequestInfo:
     cfg: KVPolicyConfig
     n_prompt: int
     vis: torch.Tensor | None
+    prompt_ids: list[int] | None = None  # kept only in the plan-dump debug mode
 
 
 @dataclass
@@ -127,7 +128,9 @@ class WorkerCompression:
                 vis = modality_mask(
                     n, [(o, ln) for o, ln, _ in ranges], is_embed=[e for _, _, e in ranges]
                 )
-            self.infos[rid] = RequestInfo(cfg=cfg, n_prompt=n, vis=vis)
+            dumping = plan_dump.directory() is not None
+            ids = list(data.prompt_token_ids) if dumping and data.prompt_token_ids else None
+            self.infos[rid] = RequestInfo(cfg=cfg, n_prompt=n, vis=vis, prompt_ids=ids)
             if cfg.kv_policy != "none" and cfg.budget_tokens(n) < n:
                 positions = required_query_positions(cfg, n, vis)
                 self.captures[rid] = capture.RequestCapture(positions=positions.cpu())
@@ -206,6 +209,8 @@ class WorkerCompression:
             metrics.on_skip("nothing_to_evict", self.runner.vllm_config)
             return
         kept = plan.kept_tokens
+        if plan_dump.directory() is not None:
+            plan_dump.write(rid, _dump_record(rid, info, cfg, plan))
         apply_plan(caches, self.layouts, row, plan)
         truncate(cdiv(kept, self.block_size))
         self.removed[rid] = n - kept
@@ -222,6 +227,19 @@ class WorkerCompression:
     def use_paged_kernels(device: torch.device) -> bool:
         """Score/entropy straight from the pages with Triton (GPU, or forced for tests)."""
         return resolve_backend(None, device) == "triton"
+
+
+def _dump_record(rid: str, info: RequestInfo, cfg: KVPolicyConfig, plan: Any) -> dict[str, Any]:
+    return {
+        "request_id": rid,
+        "n_prompt": info.n_prompt,
+        "prompt_token_ids": info.prompt_ids,
+        "vis": None if info.vis is None else info.vis.cpu(),
+        "cfg": cfg.model_dump(),
+        "layer_budgets": list(plan.layer_budgets),
+        "kept": [lp.kept.cpu() for lp in plan.layers],  # per layer [H_kv, P]
+        "merged": any(lp.keys is not None for lp in plan.layers),
+    }
 
 
 # ---- shared by both runners ----------------------------------------------------------------

@@ -26,8 +26,16 @@ def vllm_bin() -> str:
 class VLLMServer:
     """``with VLLMServer(model, [...flags]) as srv: srv.url`` — logs go to ``log_path``."""
 
-    def __init__(self, model: str | Path, args: list[str], log_path: Path, timeout: float = 240):
+    def __init__(
+        self,
+        model: str | Path,
+        args: list[str],
+        log_path: Path,
+        timeout: float = 240,
+        env: dict[str, str] | None = None,
+    ):
         self.model = str(model)
+        self.env = dict(env or {})
         self.args = list(args)
         self.log_path = Path(log_path)
         self.timeout = timeout
@@ -39,7 +47,7 @@ class VLLMServer:
         return [vllm_bin(), "serve", self.model, "--port", str(self.port), *BASE_ARGS, *self.args]
 
     def start(self) -> VLLMServer:
-        env = {**os.environ, **ENV}
+        env = {**os.environ, **ENV, **self.env}
         self.log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             self.command(),

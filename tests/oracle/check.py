@@ -1,0 +1,164 @@
+"""Compare what a real `vllm serve` decodes for a request with the reference oracle.
+
+Shared by the production CPU path (tests/e2e/test_oracle.py) and the GPU code path under
+the interpreter (tests/gpu_path/test_gpu_path_oracle.py). The server runs with
+``MEDA_VLLM_PLAN_DUMP`` so each compressed request leaves its kept positions behind.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from meda_vllm.config import KVPolicyConfig
+from tests.e2e.client import client
+from tests.e2e.media import image_part, text_part, video_part
+from tests.oracle.reference import Oracle, OracleResult
+
+#: test-only vLLM plugin that breaks the adapter on purpose (see shim/meda_fault_shim.py)
+SHIM = Path(__file__).resolve().parent / "shim"
+
+#: The seven policies that evict (``full`` and ``none`` keep everything).
+EVICTING = ["snapkv", "pyramidkv", "h2o", "streamingllm", "lookm", "meda", "madakv"]
+#: A ratio and an absolute budget (tokens per layer).
+BUDGETS = [0.2, 40]
+MAX_TOKENS = 16
+#: fp32 server and oracle: logprobs agree to ~1e-5; a wrong kept set or position moves
+#: them by 1e-3 or more on the sharp test model.
+LOGPROB_TOL = 1e-4
+#: The sharp test model: 4 layers whose query projections are scaled so each layer
+#: attends with a different sharpness (the random model alone attends almost uniformly).
+SHARP_Q_SCALES = [4.0, 16.0, 32.0, 64.0]
+#: A small observation window, so selection (not the always-kept window) decides most
+#: of what a 0.2 budget keeps in these short prompts.
+WINDOW = 8
+
+LONG_TEXT = (
+    "Tell me a long story about a red cat, a blue dog and a green tree that live in a "
+    "small house by the water, where the sun is large and the sky is blue; the cat asks "
+    "the dog one question, two questions, three questions, and the dog answers yes or no "
+    "to each of them, while the tree listens from the left side of the house and the "
+    "person on the right side counts four, five, six, seven, eight, nine and ten."
+)
+
+
+def cases(side: int = 224, video_frames: int = 8, video_size: int = 224) -> dict[str, list]:
+    """A text-only, a multi-image and a video request."""
+    return {
+        "text": [text_part(LONG_TEXT)],
+        "images": [image_part(31, side), image_part(32, side), text_part("Compare them.")],
+        # noisy frames: the plain clip has identical patches, whose exact similarity ties
+        # let fp32 noise pick different merge targets in the server and the oracle
+        "video": [video_part(video_frames, video_size, noise=7), text_part("Describe it.")],
+    }
+
+
+@dataclass
+class ServerAnswer:
+    request_id: str
+    tokens: list[int]
+    logprobs: list[float]
+
+
+def ask(srv, content: list[dict], xargs: dict | None, max_tokens: int = MAX_TOKENS):
+    """Greedy chat completion with token ids and logprobs; our own request id."""
+    c = client(srv)
+    rid = uuid.uuid4().hex
+    extra = {"request_id": rid, "ignore_eos": True, "return_tokens_as_token_ids": True}
+    if xargs:
+        extra["vllm_xargs"] = xargs
+    r = c.chat.completions.create(
+        model=c.models.list().data[0].id,
+        messages=[{"role": "user", "content": content}],
+        max_tokens=max_tokens,
+        temperature=0,
+        logprobs=True,
+        extra_body=extra,
+    )
+    steps = r.choices[0].logprobs.content
+    tokens = [int(s.token.removeprefix("token_id:")) for s in steps]
+    return ServerAnswer(rid, tokens, [s.logprob for s in steps])
+
+
+def load_dump(dump_dir: Path, request_id: str, timeout: float = 10.0) -> dict | None:
+    """The worker's plan record of a request (None: the server did not compress it)."""
+    deadline = time.time() + timeout
+    while True:
+        found = sorted(Path(dump_dir).glob(f"*{request_id}*.pt"))
+        if found:
+            return torch.load(found[0], weights_only=False)
+        if time.time() > deadline:
+            return None
+        time.sleep(0.1)
+
+
+def request_config(server: dict, xargs: dict | None) -> KVPolicyConfig:
+    return KVPolicyConfig.from_mapping({**server, **(xargs or {})})
+
+
+def mismatches(answer: ServerAnswer, ref: OracleResult, tol: float = LOGPROB_TOL) -> list[str]:
+    """What differs between the server's tokens/logprobs and the oracle's."""
+    out = []
+    if answer.tokens != ref.tokens:
+        out.append(f"tokens differ: server {answer.tokens} oracle {ref.tokens}")
+    n = min(len(answer.logprobs), len(ref.logprobs))
+    diff = max(
+        (abs(a - b) for a, b in zip(answer.logprobs[:n], ref.logprobs[:n], strict=True)), default=0
+    )
+    if diff > tol:
+        out.append(f"logprobs differ by up to {diff:.2e} (tolerance {tol:.0e})")
+    return out
+
+
+def kept_mismatches(dump: dict, ref: OracleResult) -> list[str]:
+    """Layers/heads whose kept positions differ between the server's plan and the oracle's."""
+    out = []
+    if dump["prompt_token_ids"] != ref.prompt_ids:
+        out.append("prompt token ids differ between the server and the oracle's processor")
+    if dump["layer_budgets"] != ref.plan.layer_budgets:
+        out.append(f"layer budgets: server {dump['layer_budgets']} oracle {ref.plan.layer_budgets}")
+    for layer, (kept, lp) in enumerate(zip(dump["kept"], ref.plan.layers, strict=True)):
+        for head in range(kept.shape[0]):
+            a = set(kept[head].tolist())
+            b = set(lp.kept[head].tolist())
+            if a != b:
+                out.append(f"layer {layer} head {head}: server-only {sorted(a - b)[:8]} "
+                           f"oracle-only {sorted(b - a)[:8]}")  # fmt: skip
+    return out
+
+
+def check_compressed(
+    srv, oracle: Oracle, dump_dir: Path, content, server: dict, xargs: dict
+) -> list[str]:
+    """Send one request that must be compressed; every difference from the oracle."""
+    answer = ask(srv, content, xargs)
+    dump = load_dump(dump_dir, answer.request_id)
+    ref = oracle.run(content, request_config(server, xargs), len(answer.tokens))
+    if ref.plan is None:
+        return ["the oracle did not compress this request (test setup)"]
+    if dump is None:
+        return ["the server did not compress this request (no plan dump)"]
+    problems = kept_mismatches(dump, ref)
+    if ref.plan.kept_tokens >= len(ref.prompt_ids):
+        problems.append("nothing was evicted")
+    return problems + mismatches(answer, ref)
+
+
+def shim_pythonpath() -> str:
+    return os.pathsep.join(p for p in (str(SHIM), os.environ.get("PYTHONPATH", "")) if p)
+
+
+def check_matrix(srv, oracle: Oracle, dump_dir: Path, server: dict, policy: str, cases) -> list:
+    """Every request kind at every budget of ``BUDGETS`` for one policy."""
+    problems = []
+    for budget in BUDGETS:
+        xargs = {"kv_policy": policy, "kv_budget": budget, "kv_window": WINDOW}
+        for name, content in cases.items():
+            found = check_compressed(srv, oracle, dump_dir, content, server, xargs)
+            problems += [f"{policy} budget {budget} {name}: {p}" for p in found]
+    return problems
