@@ -400,8 +400,15 @@ def _v2_compress(runner: Any, state: WorkerCompression, rid: str, cfg: dict[str,
     row_ids = tables.block_tables[0].gpu[idx, :num_blocks].tolist()
 
     def truncate(keep_blocks: int) -> None:
-        # Staged; applied by the next step's apply_staged_writes(), before any read.
-        tables.append_block_ids(idx, (row_ids[:keep_blocks],), overwrite=True)
+        # Cut the row's length only; its first keep_blocks ids are already the kept ones.
+        # No staged write: the next step runs finish/add_requests before applying staged
+        # writes, so one for this row could meet the staged write of a new request that
+        # reuses the freed row, and a GPU applies staged writes in no order (silent
+        # cross-request KV corruption). num_blocks.np is the host source of truth; the
+        # next step's apply_staged_writes() copies it whole into the next UVA buffer of
+        # its round-robin pool (never the one an in-flight step reads), and a request
+        # added to this row then sets it again later, in program order.
+        tables.num_blocks.np[0, idx] = keep_blocks
 
     state.compress_request(rid, cfg, row_ids, truncate)
 
