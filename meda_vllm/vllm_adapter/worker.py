@@ -62,6 +62,9 @@ class WorkerCompression:
     infos: dict[str, RequestInfo] = field(default_factory=dict)
     captures: dict[str, capture.RequestCapture] = field(default_factory=dict)
     removed: dict[str, int] = field(default_factory=dict)
+    # Preempted and not yet finished: if they come back they are recomputed, never
+    # compressed (the scheduler arms only requests with num_preemptions == 0).
+    preempted: set[str] = field(default_factory=set)
     results: dict[str, tuple[int, int]] = field(default_factory=dict)
     history: list[CompressionStats] = field(default_factory=list)
 
@@ -100,7 +103,14 @@ class WorkerCompression:
 
     # ---- request bookkeeping -------------------------------------------------------------
     def register(self, new_reqs: list[Any]) -> None:
-        """Note the prompt, modality mask and settings of requests new to this worker."""
+        """Note the prompt, modality mask and settings of requests new to this worker.
+
+        The V2 runner also gets a request resumed after preemption as a new one (V1 gets
+        it in ``scheduled_cached_reqs.resumed_req_ids``, never here). It will not be
+        compressed, so it gets no query-row capture buffer. Resumed = preempted earlier
+        on this worker, or its prefill replays output tokens (prefill longer than the
+        prompt); a preemption during prefill leaves the second test blind, hence the set.
+        """
         for data in new_reqs:
             rid = data.req_id
             self.forget(rid)
@@ -110,6 +120,8 @@ class WorkerCompression:
                 n = int(data.prompt_embeds.shape[0])
             else:
                 continue
+            prefill = getattr(data, "prefill_token_ids", None)
+            resumed = rid in self.preempted or (prefill is not None and len(prefill) > n)
             sp = data.sampling_params
             try:
                 cfg = settings.request_config(
@@ -128,7 +140,7 @@ class WorkerCompression:
                     n, [(o, ln) for o, ln, _ in ranges], is_embed=[e for _, _, e in ranges]
                 )
             self.infos[rid] = RequestInfo(cfg=cfg, n_prompt=n, vis=vis)
-            if cfg.kv_policy != "none" and cfg.budget_tokens(n) < n:
+            if not resumed and cfg.kv_policy != "none" and cfg.budget_tokens(n) < n:
                 positions = required_query_positions(cfg, n, vis)
                 self.captures[rid] = capture.RequestCapture(positions=positions.cpu())
 
@@ -237,12 +249,17 @@ def _state(runner: Any) -> WorkerCompression | None:
 
 
 def _forget_gone(state: WorkerCompression, scheduler_output: Any) -> None:
-    gone = set(scheduler_output.finished_req_ids)
-    gone |= set(getattr(scheduler_output, "preempted_req_ids", None) or ())
+    """Drop the state (capture buffers included) of finished (aborted: also in
+    ``finished_req_ids``), preempted and resumed requests; remember the preempted ones
+    until they finish."""
+    finished = set(scheduler_output.finished_req_ids)
+    preempted = set(getattr(scheduler_output, "preempted_req_ids", None) or ())
     cached = scheduler_output.scheduled_cached_reqs
-    gone |= set(getattr(cached, "resumed_req_ids", None) or ())
-    for rid in gone:
+    resumed = set(getattr(cached, "resumed_req_ids", None) or ())
+    for rid in finished | preempted | resumed:
         state.forget(rid)
+    state.preempted |= preempted
+    state.preempted -= finished
 
 
 def _attach_results(state: WorkerCompression, out: Any) -> Any:

@@ -268,3 +268,69 @@ def test_row_reused_in_the_next_step_holds_only_the_new_requests_blocks(v2, how)
     assert b_row == B_BLOCKS
     assert _row(runner, runner.req_states.req_id_to_index["C"]) == [*C_BLOCKS, 37]
     assert "A" not in state.removed and "A" not in state.captures
+
+
+# ---- capture buffers (item 2 of issue 13) ----------------------------------------------------
+
+
+def test_new_request_gets_a_capture_and_finish_or_abort_frees_it(v2):
+    runner, state, _ = v2
+    _step(runner, new=[_new("A", A_BLOCKS), _new("B", B_BLOCKS)])
+    assert set(state.captures) == {"A", "B"}
+    _step(runner, finished=["A"])  # finish and abort look the same to the worker
+    assert set(state.captures) == {"B"} and "A" not in state.infos
+    _step(runner, finished=["B"])
+    assert state.captures == {} and state.infos == {}
+
+
+@pytest.mark.parametrize("outputs", [0, 3], ids=["mid-prefill", "after-outputs"])
+def test_resumed_request_gets_no_capture(v2, outputs):
+    runner, state, _ = v2
+    _step(runner, new=[_new("A", A_BLOCKS)])
+    assert "A" in state.captures
+    _step(runner, preempted=["A"])
+    assert "A" not in state.captures
+    # V2 sends a resumed request as a new one (prefill = prompt + outputs so far).
+    _step(runner, new=[_new("A", B_BLOCKS, outputs=outputs)])
+    assert runner.req_states.req_id_to_index.get("A") is not None
+    assert "A" not in state.captures  # never compressed: no buffer
+    _step(runner, finished=["A"])
+    assert state.captures == {} and "A" not in state.preempted  # no record left behind
+
+
+@pytest.fixture
+def v1(monkeypatch):
+    """The V1 runner's ``_update_states`` wrapper around a no-op original."""
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner as V1Runner
+
+    for name in ("_prepare_inputs", "execute_model", "sample_tokens"):
+        monkeypatch.setattr(V1Runner, name, V1Runner.__dict__[name])
+    monkeypatch.setattr(V1Runner, "_update_states", lambda self, so: None)
+    monkeypatch.setattr(V1Runner, "_meda_patched", False, raising=False)
+    worker.patch_v1_runner()
+    runner = V1Runner.__new__(V1Runner)
+    state = WorkerCompression(runner=runner, server=KVPolicyConfig.from_mapping(SERVER))
+    runner._meda = state
+    return runner, state
+
+
+def _v1_step(runner, *, new=(), finished=(), preempted=(), resumed=()):
+    so = SchedulerOutput.make_empty()
+    so.scheduled_new_reqs = list(new)
+    so.scheduled_cached_reqs.req_ids = list(resumed)
+    so.scheduled_cached_reqs.resumed_req_ids = set(resumed)
+    so.finished_req_ids = set(finished)
+    so.preempted_req_ids = set(preempted)
+    runner._update_states(so)
+
+
+def test_v1_captures_are_freed_on_finish_abort_and_preemption(v1):
+    runner, state = v1
+    _v1_step(runner, new=[_new(rid, A_BLOCKS) for rid in "ABC"])
+    assert set(state.captures) == {"A", "B", "C"}
+    _v1_step(runner, finished=["A"], preempted=["B"])  # A finished or aborted, B preempted
+    assert set(state.captures) == {"C"} and set(state.infos) == {"C"}
+    _v1_step(runner, resumed=["B"])  # V1 resumes in scheduled_cached_reqs: no new capture
+    assert set(state.captures) == {"C"}
+    _v1_step(runner, finished=["B", "C"])
+    assert state.captures == {} and state.infos == {} and state.preempted == set()
