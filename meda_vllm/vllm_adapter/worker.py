@@ -63,6 +63,9 @@ class WorkerCompression:
     infos: dict[str, RequestInfo] = field(default_factory=dict)
     captures: dict[str, capture.RequestCapture] = field(default_factory=dict)
     removed: dict[str, int] = field(default_factory=dict)
+    # Preempted and not yet finished: if they come back they are recomputed, never
+    # compressed (the scheduler arms only requests with num_preemptions == 0).
+    preempted: set[str] = field(default_factory=set)
     results: dict[str, tuple[int, int]] = field(default_factory=dict)
     history: list[CompressionStats] = field(default_factory=list)
 
@@ -101,7 +104,14 @@ class WorkerCompression:
 
     # ---- request bookkeeping -------------------------------------------------------------
     def register(self, new_reqs: list[Any]) -> None:
-        """Note the prompt, modality mask and settings of requests new to this worker."""
+        """Note the prompt, modality mask and settings of requests new to this worker.
+
+        The V2 runner also gets a request resumed after preemption as a new one (V1 gets
+        it in ``scheduled_cached_reqs.resumed_req_ids``, never here). It will not be
+        compressed, so it gets no query-row capture buffer. Resumed = preempted earlier
+        on this worker, or its prefill replays output tokens (prefill longer than the
+        prompt); a preemption during prefill leaves the second test blind, hence the set.
+        """
         for data in new_reqs:
             rid = data.req_id
             self.forget(rid)
@@ -111,6 +121,8 @@ class WorkerCompression:
                 n = int(data.prompt_embeds.shape[0])
             else:
                 continue
+            prefill = getattr(data, "prefill_token_ids", None)
+            resumed = rid in self.preempted or (prefill is not None and len(prefill) > n)
             sp = data.sampling_params
             try:
                 cfg = settings.request_config(
@@ -131,7 +143,7 @@ class WorkerCompression:
             dumping = plan_dump.directory() is not None
             ids = list(data.prompt_token_ids) if dumping and data.prompt_token_ids else None
             self.infos[rid] = RequestInfo(cfg=cfg, n_prompt=n, vis=vis, prompt_ids=ids)
-            if cfg.kv_policy != "none" and cfg.budget_tokens(n) < n:
+            if not resumed and cfg.kv_policy != "none" and cfg.budget_tokens(n) < n:
                 positions = required_query_positions(cfg, n, vis)
                 self.captures[rid] = capture.RequestCapture(positions=positions.cpu())
 
@@ -255,12 +267,17 @@ def _state(runner: Any) -> WorkerCompression | None:
 
 
 def _forget_gone(state: WorkerCompression, scheduler_output: Any) -> None:
-    gone = set(scheduler_output.finished_req_ids)
-    gone |= set(getattr(scheduler_output, "preempted_req_ids", None) or ())
+    """Drop the state (capture buffers included) of finished (aborted: also in
+    ``finished_req_ids``), preempted and resumed requests; remember the preempted ones
+    until they finish."""
+    finished = set(scheduler_output.finished_req_ids)
+    preempted = set(getattr(scheduler_output, "preempted_req_ids", None) or ())
     cached = scheduler_output.scheduled_cached_reqs
-    gone |= set(getattr(cached, "resumed_req_ids", None) or ())
-    for rid in gone:
+    resumed = set(getattr(cached, "resumed_req_ids", None) or ())
+    for rid in finished | preempted | resumed:
         state.forget(rid)
+    state.preempted |= preempted
+    state.preempted -= finished
 
 
 def _attach_results(state: WorkerCompression, out: Any) -> Any:
@@ -418,8 +435,15 @@ def _v2_compress(runner: Any, state: WorkerCompression, rid: str, cfg: dict[str,
     row_ids = tables.block_tables[0].gpu[idx, :num_blocks].tolist()
 
     def truncate(keep_blocks: int) -> None:
-        # Staged; applied by the next step's apply_staged_writes(), before any read.
-        tables.append_block_ids(idx, (row_ids[:keep_blocks],), overwrite=True)
+        # Cut the row's length only; its first keep_blocks ids are already the kept ones.
+        # No staged write: the next step runs finish/add_requests before applying staged
+        # writes, so one for this row could meet the staged write of a new request that
+        # reuses the freed row, and a GPU applies staged writes in no order (silent
+        # cross-request KV corruption). num_blocks.np is the host source of truth; the
+        # next step's apply_staged_writes() copies it whole into the next UVA buffer of
+        # its round-robin pool (never the one an in-flight step reads), and a request
+        # added to this row then sets it again later, in program order.
+        tables.num_blocks.np[0, idx] = keep_blocks
 
     state.compress_request(rid, cfg, row_ids, truncate)
 
