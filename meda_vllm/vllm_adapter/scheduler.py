@@ -15,12 +15,15 @@ Bookkeeping per compressed request ``rid``:
 The decision to compress travels to the workers on the ``SchedulerOutput``
 (attribute ``meda_compress``: ``{rid: settings dict}``); the kept length comes
 back on the ``ModelRunnerOutput`` (attribute ``meda_compressed``:
-``{rid: (N, P)}``). Both are plain dataclasses pickled between processes.
+``{rid: (N, P)}``; ``P = RECOMPUTE`` when compaction failed half way: the scheduler then
+preempts the request, which is recomputed uncompressed). Both are plain dataclasses
+pickled between processes.
 """
 
 from __future__ import annotations
 
 import inspect
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +34,8 @@ from meda_vllm.vllm_adapter.log import logger
 
 ARM_ATTR = "meda_compress"
 RESULT_ATTR = "meda_compressed"
+#: the kept length a worker reports when a request's pages may be partly rewritten
+RECOMPUTE = -1
 
 
 def cdiv(a: int, b: int) -> int:
@@ -61,6 +66,8 @@ class SchedulerCompression:
     records: dict[str, CompressionRecord] = field(default_factory=dict)
     # request ids whose last prefill chunk is in flight (armed, result pending)
     pending: set[str] = field(default_factory=set)
+    # request ids whose compaction failed in the worker: preempted after this step's output
+    recompute: set[str] = field(default_factory=set)
     # cumulative counters (read by metrics and tests)
     blocks_freed_total: int = 0
     requests_compressed: int = 0
@@ -185,6 +192,9 @@ def commit(scheduler: Any, state: SchedulerCompression, model_runner_output: Any
     mgr = state.manager
     for rid, (n_prompt, kept) in results.items():
         state.pending.discard(rid)
+        if kept == RECOMPUTE:
+            state.recompute.add(rid)
+            continue
         blocks = mgr.req_to_blocks.get(rid)
         if blocks is None or rid not in scheduler.requests:
             continue
@@ -207,6 +217,24 @@ def commit(scheduler: Any, state: SchedulerCompression, model_runner_output: Any
             kept,
             len(tail),
         )
+
+
+def recompute_failed(scheduler: Any, state: SchedulerCompression) -> None:
+    """After ``update_from_output()``: preempt the requests whose compaction failed (their
+    pages may be half rewritten), as vLLM itself preempts between steps; they are
+    recomputed from their tokens, uncompressed (``arm`` skips preempted requests)."""
+    from vllm.v1.request import RequestStatus
+
+    for rid in sorted(state.recompute):
+        req = scheduler.requests.get(rid)
+        if req is None or req.status != RequestStatus.RUNNING or req not in scheduler.running:
+            continue  # finished in this step (e.g. max_tokens=1): its blocks are freed
+        scheduler.running.remove(req)
+        scheduler._preempt_request(req, time.monotonic())
+        # resumed in the next step: the runner must get the request's data in full
+        getattr(scheduler, "prev_step_scheduled_req_ids", set()).discard(rid)
+        logger.warning("meda-vllm: %s preempted for recompute after a failed compaction", rid)
+    state.recompute.clear()
 
 
 def forget(state: SchedulerCompression, rid: str) -> None:
@@ -244,7 +272,10 @@ def patch_scheduler() -> None:
         state = getattr(self, "_meda", None)
         if state is not None:
             commit(self, state, model_runner_output)
-        return orig_update(self, scheduler_output, model_runner_output)
+        outputs = orig_update(self, scheduler_output, model_runner_output)
+        if state is not None and state.recompute:
+            recompute_failed(self, state)
+        return outputs
 
     def free(self, request):
         orig_free(self, request)

@@ -29,7 +29,7 @@ from meda_vllm.modality import modality_mask
 from meda_vllm.paged_view import apply_plan, plan_paged_request
 from meda_vllm.vllm_adapter import capture, metrics, plan_dump, settings
 from meda_vllm.vllm_adapter.log import logger
-from meda_vllm.vllm_adapter.scheduler import ARM_ATTR, RESULT_ATTR, cdiv
+from meda_vllm.vllm_adapter.scheduler import ARM_ATTR, RECOMPUTE, RESULT_ATTR, cdiv
 
 
 @dataclass
@@ -223,8 +223,16 @@ class WorkerCompression:
         kept = plan.kept_tokens
         if plan_dump.directory() is not None:
             plan_dump.write(rid, _dump_record(rid, info, cfg, plan))
-        apply_plan(caches, self.layouts, row, plan)
-        truncate(cdiv(kept, self.block_size))
+        try:
+            apply_plan(caches, self.layouts, row, plan)
+            truncate(cdiv(kept, self.block_size))
+        except Exception:  # noqa: BLE001 - the pages may be half rewritten: recompute
+            logger.exception(
+                "meda-vllm: %s: compaction failed; the request is recomputed uncompressed", rid
+            )
+            metrics.on_skip("error", self.runner.vllm_config)
+            self.results[rid] = (n, RECOMPUTE)
+            return
         self.removed[rid] = n - kept
         self.results[rid] = (n, kept)
         seconds = time.perf_counter() - t0

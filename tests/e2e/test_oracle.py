@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests.e2e.client import run_concurrently, wait_idle
 from tests.e2e.server import VLLMServer
 from tests.oracle import check
 from tests.oracle.reference import Oracle
@@ -108,3 +109,43 @@ def test_a_broken_plugin_fails_the_oracle(fault_server, oracle, dump_dir, fault)
             )
     finally:
         fault_server.fault_file.write_text("")
+
+
+@pytest.mark.parametrize("stage", ["plan", "merge", "compact", "truncate"])
+def test_a_failure_in_one_request_leaves_the_engine_serving(fault_server, oracle, dump_dir, stage):
+    """An exception while planning, merging, after compaction rewrote the pages, or while
+    cutting the row: the failed request still gets the uncompressed answer (served as is,
+    or preempted and recomputed when its pages were touched), a request beside it is
+    unharmed, the failure is counted, the next compressed request decodes like the
+    oracle, and the pool is fully free afterwards."""
+    cases = check.cases(448)
+    failing = {"kv_policy": "meda", "kv_window": check.WINDOW}  # meda merges
+    before = error_skips(fault_server)
+    fault_server.fault_file.write_text(f"raise_{stage}")
+    try:
+        hit, beside = run_concurrently(
+            [
+                lambda: check.ask(fault_server, cases["images"], failing),
+                lambda: check.ask(fault_server, cases["text"], {"kv_policy": "none"}),
+            ]
+        )
+    finally:
+        fault_server.fault_file.write_text("")
+    for answer, name in ((hit, "images"), (beside, "text")):
+        full = oracle.run(cases[name], None, len(answer.tokens))
+        assert not check.mismatches(answer, full), (stage, name)
+    assert error_skips(fault_server) == before + 1, fault_server.tail(80)
+    xargs = {"kv_policy": "snapkv", "kv_window": check.WINDOW}
+    found = check.check_compressed(fault_server, oracle, dump_dir, cases["video"], SERVER, xargs)
+    assert not found, found
+    assert wait_idle(fault_server)["vllm:kv_cache_usage_perc"] == 0.0
+
+
+def error_skips(srv) -> float:
+    import re
+
+    import requests
+
+    text = requests.get(srv.url + "/metrics", timeout=10).text
+    m = re.search(r'^meda:requests_skipped_total\{[^}]*reason="error"[^}]*\} (\S+)$', text, re.M)
+    return float(m.group(1)) if m else 0.0

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from meda_vllm.config import KVPolicyConfig
-from tests.e2e.client import client
+from tests.e2e.client import client, run_concurrently
 from tests.e2e.media import image_part, text_part, video_part
 from tests.oracle.reference import Oracle, OracleResult
 
@@ -132,13 +132,10 @@ def kept_mismatches(dump: dict, ref: OracleResult) -> list[str]:
     return out
 
 
-def check_compressed(
-    srv, oracle: Oracle, dump_dir: Path, content, server: dict, xargs: dict
-) -> list[str]:
-    """Send one request that must be compressed; every difference from the oracle."""
-    answer = ask(srv, content, xargs)
+def verify(answer: ServerAnswer, oracle: Oracle, dump_dir: Path, content, cfg) -> list[str]:
+    """Every difference between a compressed request's answer and the oracle's."""
     dump = load_dump(dump_dir, answer.request_id)
-    ref = oracle.run(content, request_config(server, xargs), len(answer.tokens))
+    ref = oracle.run(content, cfg, len(answer.tokens))
     if ref.plan is None:
         return ["the oracle did not compress this request (test setup)"]
     if dump is None:
@@ -149,16 +146,53 @@ def check_compressed(
     return problems + mismatches(answer, ref)
 
 
+def check_compressed(
+    srv, oracle: Oracle, dump_dir: Path, content, server: dict, xargs: dict
+) -> list[str]:
+    """Send one request that must be compressed; every difference from the oracle."""
+    answer = ask(srv, content, xargs)
+    return verify(answer, oracle, dump_dir, content, request_config(server, xargs))
+
+
 def shim_pythonpath() -> str:
     return os.pathsep.join(p for p in (str(SHIM), os.environ.get("PYTHONPATH", "")) if p)
 
 
+@dataclass
+class Job:
+    label: str
+    policy: str
+    content: list[dict]
+    xargs: dict
+
+
+def matrix(policies, budgets, cases: dict[str, list]) -> list[Job]:
+    """One request per policy, budget and request kind."""
+    return [
+        Job(f"{policy} budget {budget} {name}", policy, content,
+            {"kv_policy": policy, "kv_budget": budget, "kv_window": WINDOW})
+        for policy in policies
+        for budget in budgets
+        for name, content in cases.items()
+    ]  # fmt: skip
+
+
+def send_all(srv, jobs: list[Job]) -> list[ServerAnswer]:
+    """Send every job at once (the server batches them); answers in job order."""
+    return run_concurrently([lambda j=j: ask(srv, j.content, j.xargs) for j in jobs])
+
+
+def verify_all(jobs, answers, oracle: Oracle, dump_dir: Path, server: dict) -> list[str]:
+    """The oracle checks of answered jobs (one by one: the oracle is not thread-safe)."""
+    problems = []
+    for job, answer in zip(jobs, answers, strict=True):
+        cfg = request_config(server, job.xargs)
+        found = verify(answer, oracle, dump_dir, job.content, cfg)
+        problems += [f"{job.label}: {p}" for p in found]
+    return problems
+
+
 def check_matrix(srv, oracle: Oracle, dump_dir: Path, server: dict, policy: str, cases) -> list:
     """Every request kind at every budget of ``BUDGETS`` for one policy."""
-    problems = []
-    for budget in BUDGETS:
-        xargs = {"kv_policy": policy, "kv_budget": budget, "kv_window": WINDOW}
-        for name, content in cases.items():
-            found = check_compressed(srv, oracle, dump_dir, content, server, xargs)
-            problems += [f"{policy} budget {budget} {name}: {p}" for p in found]
-    return problems
+    jobs = matrix([policy], BUDGETS, cases)
+    return verify_all(jobs, send_all(srv, jobs), oracle, dump_dir, server)

@@ -1,0 +1,80 @@
+"""What compressed requests decode on vLLM's GPU code path (Model Runner V2 + TRITON_ATTN,
+meda's Triton kernels, all under the interpreter), checked against the reference oracle
+(tests/oracle). Small prompts: interpreted Triton costs seconds per step."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tests.gpu_path.server import GpuPathServer
+from tests.gpu_path.test_gpu_path import V2_RUNNERS
+from tests.oracle import check
+
+pytestmark = [pytest.mark.gpu_path, pytest.mark.slow]
+
+SERVER = {"kv_policy": "meda", "kv_budget": 0.2}
+FLAGS = [
+    *("--kv-policy", "meda", "--kv-budget", "0.2"),
+    *("--max-num-seqs", "32", "--limit-mm-per-prompt", '{"image": 2, "video": 1}'),
+    # room for all 28 requests at once: a compressed request preempted and recomputed
+    # would decode uncompressed
+    *("--kv-cache-memory-bytes", str(64 * 1024 * 1024)),
+]
+
+
+@pytest.fixture(scope="module")
+def dump_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("gpu-path-plan-dump")
+
+
+@pytest.fixture(scope="module")
+def v2_server(sharp_model_dir, dump_dir, tmp_path_factory):
+    logs = tmp_path_factory.mktemp("gpu-path-oracle")
+    fault_file = logs / "fault"
+    fault_file.write_text("")
+    srv = GpuPathServer(sharp_model_dir, FLAGS, logs / "server.log", logs / "kernels")
+    srv.env["PYTHONPATH"] = os.pathsep.join((str(check.SHIM), srv.env["PYTHONPATH"]))
+    srv.env["MEDA_VLLM_PLAN_DUMP"] = str(dump_dir)
+    srv.env["MEDA_TEST_FAULT_FILE"] = str(fault_file)
+    with srv:
+        srv.fault_file = fault_file
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def answered(v2_server):
+    """Every policy at 0.2 on a text-only, a multi-image and a video request, and at 40
+    tokens on the multi-image one: 28 requests sent at once (interpreted Triton costs
+    seconds per decode step: one batch, not 28 sequential requests)."""
+    v2_server.fault_file.write_text("")
+    cases = check.cases()
+    jobs = check.matrix(check.EVICTING, [0.2], cases)
+    jobs += check.matrix(check.EVICTING, [40], {"images": cases["images"]})
+    return jobs, check.send_all(v2_server, jobs)
+
+
+@pytest.mark.parametrize("policy", check.EVICTING)
+def test_compressed_requests_decode_like_the_oracle_on_v2(
+    v2_server, answered, oracle, dump_dir, policy
+):
+    """As tests/e2e/test_oracle.py, through the V2 runner's block tables and slot mappings
+    and the paged Triton kernels (scores, entropy, merging, compaction)."""
+    jobs, answers = answered
+    mine = [(j, a) for j, a in zip(jobs, answers, strict=True) if j.policy == policy]
+    problems = check.verify_all(*zip(*mine, strict=True), oracle, dump_dir, SERVER)
+    assert not problems, "\n".join(problems)
+    assert v2_server.worker_record()["runner"] in V2_RUNNERS
+
+
+@pytest.mark.parametrize("fault", ["kept_index", "slot_shift"])
+def test_a_broken_plugin_fails_the_oracle_on_v2(v2_server, oracle, dump_dir, fault):
+    v2_server.fault_file.write_text(fault)
+    try:
+        content = check.cases()["images"]
+        xargs = {"kv_policy": "snapkv", "kv_window": check.WINDOW}
+        found = check.check_compressed(v2_server, oracle, dump_dir, content, SERVER, xargs)
+        assert any("logprobs differ" in p or "tokens differ" in p for p in found), found
+    finally:
+        v2_server.fault_file.write_text("")
