@@ -138,3 +138,15 @@ def usage_after_prefill(
     if bound == "lower":
         usage -= -(-int(decoded) // block_size) / num_blocks
     return usage
+
+
+def skip_count(srv: VLLMServer, reason: str) -> float:
+    """``meda:requests_skipped_total{reason=...}`` of a server (0 before the first one)."""
+    import re
+
+    import requests
+
+    text = requests.get(srv.url + "/metrics", timeout=10).text
+    pattern = r'^meda:requests_skipped_total\{[^}]*reason="' + reason + r'"[^}]*\} (\S+)$'
+    m = re.search(pattern, text, re.M)
+    return float(m.group(1)) if m else 0.0

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.e2e.client import run_concurrently, wait_idle
+from tests.e2e.client import run_concurrently, skip_count, wait_idle
 from tests.e2e.server import VLLMServer
 from tests.oracle import check
 from tests.oracle.reference import Oracle
@@ -120,7 +120,7 @@ def test_a_failure_in_one_request_leaves_the_engine_serving(fault_server, oracle
     oracle, and the pool is fully free afterwards."""
     cases = check.cases(448)
     failing = {"kv_policy": "meda", "kv_window": check.WINDOW}  # meda merges
-    before = error_skips(fault_server)
+    before = skip_count(fault_server, "error")
     fault_server.fault_file.write_text(f"raise_{stage}")
     try:
         hit, beside = run_concurrently(
@@ -134,18 +134,8 @@ def test_a_failure_in_one_request_leaves_the_engine_serving(fault_server, oracle
     for answer, name in ((hit, "images"), (beside, "text")):
         full = oracle.run(cases[name], None, len(answer.tokens))
         assert not check.mismatches(answer, full), (stage, name)
-    assert error_skips(fault_server) == before + 1, fault_server.tail(80)
+    assert skip_count(fault_server, "error") == before + 1, fault_server.tail(80)
     xargs = {"kv_policy": "snapkv", "kv_window": check.WINDOW}
     found = check.check_compressed(fault_server, oracle, dump_dir, cases["video"], SERVER, xargs)
     assert not found, found
     assert wait_idle(fault_server)["vllm:kv_cache_usage_perc"] == 0.0
-
-
-def error_skips(srv) -> float:
-    import re
-
-    import requests
-
-    text = requests.get(srv.url + "/metrics", timeout=10).text
-    m = re.search(r'^meda:requests_skipped_total\{[^}]*reason="error"[^}]*\} (\S+)$', text, re.M)
-    return float(m.group(1)) if m else 0.0

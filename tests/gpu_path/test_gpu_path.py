@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.e2e.client import chat, run_concurrently, usage_after_prefill, wait_idle
+from tests.e2e.client import chat, run_concurrently, skip_count, usage_after_prefill, wait_idle
 from tests.e2e.media import image_part, text_part
 
 pytestmark = [pytest.mark.gpu_path, pytest.mark.slow]
@@ -134,7 +134,11 @@ def greedy_tokens(srv, content) -> list[str]:
 COMPARED = ["meda-1.0", "none", "cpu-none"]
 
 
-def test_budget_one_matches_none_and_the_production_cpu_path(servers):
+def test_a_budget_of_one_leaves_the_request_alone_on_both_paths(servers):
+    """Budget 1.0 compresses nothing (skipped as short_prompt) and gives stock tokens; the
+    GPU path's stock tokens equal the production CPU path's. What compressed requests
+    decode on this path: test_gpu_path_oracle.py."""
+    before = skip_count(servers["meda-1.0"], "short_prompt")
     prompts = {
         "image": image_request(6),
         "text": [text_part("Tell me a story about a cat.")],
@@ -143,3 +147,4 @@ def test_budget_one_matches_none_and_the_production_cpu_path(servers):
         tokens = {name: greedy_tokens(servers[name], content) for name in COMPARED}
         assert len(tokens["meda-1.0"]) == 4, tokens
         assert tokens["meda-1.0"] == tokens["none"] == tokens["cpu-none"], (kind, tokens)
+    assert skip_count(servers["meda-1.0"], "short_prompt") == before + len(prompts)
