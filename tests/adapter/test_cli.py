@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
+from types import SimpleNamespace
 
 import pytest
 
@@ -83,3 +86,121 @@ def test_bad_flags_are_argparse_errors(argv, capsys):
     with pytest.raises(SystemExit):
         parser.parse_args(argv)
     assert argv[0] in capsys.readouterr().err
+
+
+# ---- refused before the model loads (issue 13, item 6) -------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["fp8", "fp8_e4m3", "fp8_e5m2", "fp8_inc", "nvfp4"])
+def test_quantized_kv_cache_dtype_is_refused_naming_the_flag(dtype):
+    ea = _args(additional_config={"kv_policy": "meda", "kv_budget": 0.2}, kv_cache_dtype=dtype)
+    with pytest.raises(ConfigError) as exc:
+        cli.resolve_engine_settings(ea)
+    assert f"--kv-cache-dtype {dtype}" in str(exc.value) and "\n" not in str(exc.value)
+
+
+@pytest.mark.parametrize("dtype", ["auto", "float16", "bfloat16"])
+def test_float_kv_cache_dtypes_are_accepted(dtype):
+    ea = _args(additional_config={"kv_policy": "meda"}, kv_cache_dtype=dtype)
+    assert cli.resolve_engine_settings(ea).kv_policy == "meda"
+
+
+def test_policy_none_does_not_refuse_anything():
+    ea = _args(
+        additional_config={"kv_policy": "none"},
+        kv_cache_dtype="fp8",
+        decode_context_parallel_size=2,
+        enable_dbo=True,
+    )
+    assert cli.resolve_engine_settings(ea).kv_policy == "none"
+    assert ea.kv_cache_dtype == "fp8" and ea.additional_config == {"kv_policy": "none"}
+
+
+@pytest.mark.parametrize(
+    "kw, flag",
+    [
+        ({"decode_context_parallel_size": 2}, "--decode-context-parallel-size"),
+        ({"prefill_context_parallel_size": 2}, "--prefill-context-parallel-size"),
+        ({"enable_dbo": True}, "--enable-dbo"),
+    ],
+)
+def test_context_parallel_and_dbo_are_refused_naming_the_flag(kw, flag):
+    ea = _args(additional_config={"kv_policy": "snapkv"}, **kw)
+    with pytest.raises(ConfigError) as exc:
+        cli.resolve_engine_settings(ea)
+    assert flag in str(exc.value) and "\n" not in str(exc.value)
+
+
+def _engine_config(model_config=None, cache_dtype="auto", policy="meda"):
+    return SimpleNamespace(
+        additional_config={"kv_policy": policy},
+        cache_config=SimpleNamespace(cache_dtype=cache_dtype),
+        model_config=model_config,
+    )
+
+
+def _model_config(window=None, **text):
+    return SimpleNamespace(
+        hf_text_config=SimpleNamespace(**text),
+        hf_config=None,
+        is_attention_free=False,
+        is_hybrid=text.pop("is_hybrid", False),
+        is_encoder_decoder=False,
+        use_mla=text.pop("use_mla", False),
+        get_sliding_window=lambda: window,
+    )
+
+
+def test_a_checkpoint_fp8_kv_cache_is_refused_once_the_config_is_read():
+    """``auto`` resolves to the checkpoint's kv_cache_quant_algo in create_engine_config."""
+    with pytest.raises(ConfigError, match="--kv-cache-dtype fp8 .from the checkpoint"):
+        cli.check_engine_config(_engine_config(cache_dtype="fp8"))
+    cli.check_engine_config(_engine_config(cache_dtype="fp8", policy="none"))
+
+
+@pytest.mark.parametrize(
+    "model, words",
+    [
+        (_model_config(window=4096), "sliding-window"),
+        (_model_config(layer_types=["full_attention", "linear_attention"]), "linear_attention"),
+        (_model_config(is_hybrid=True), "Mamba"),
+        (_model_config(use_mla=True), "MLA"),
+        (_model_config(attention_chunk_size=8192), "chunked"),
+    ],
+)
+def test_models_with_several_kv_cache_groups_are_refused_from_their_config(model, words):
+    with pytest.raises(ConfigError) as exc:
+        cli.check_engine_config(_engine_config(model))
+    assert "one KV cache group" in str(exc.value) and words in str(exc.value)
+    assert "\n" not in str(exc.value)
+    cli.check_engine_config(_engine_config(model, policy="none"))
+
+
+def test_full_attention_and_disabled_sliding_window_pass():
+    full = _model_config(layer_types=["full_attention", "full_attention"])
+    cli.check_engine_config(_engine_config(full))
+    # --disable-sliding-window: vLLM clears sliding_window, every layer is full attention
+    disabled = _model_config(layer_types=["sliding_attention", "full_attention"])
+    cli.check_engine_config(_engine_config(disabled))
+
+
+def test_a_real_sliding_window_config_is_refused_before_weights_load(tiny_model_dir, tmp_path):
+    """The tiny Qwen2-VL with sliding-window layers: create_engine_config reads only its
+    config (no weights are touched) and the patched wrapper refuses it."""
+    cli.patch_engine_args()
+    sw = tmp_path / "tiny-sw"
+    shutil.copytree(tiny_model_dir, sw)
+    (sw / "model.safetensors").write_bytes(b"not weights")  # never read
+    config = json.loads((sw / "config.json").read_text())
+    text = config["text_config"]
+    text.update(use_sliding_window=True, sliding_window=4096, max_window_layers=0)
+    text["layer_types"] = ["sliding_attention"] * text["num_hidden_layers"]
+    (sw / "config.json").write_text(json.dumps(config))
+    kw = {"dtype": "float32", "enforce_eager": True, "max_model_len": 2048}
+    ea = EngineArgs(model=str(sw), additional_config={"kv_policy": "meda"}, **kw)
+    with pytest.raises(ConfigError, match="sliding-window attention layers .window 4096"):
+        ea.create_engine_config()
+    ea = EngineArgs(
+        model=str(sw), additional_config={"kv_policy": "meda"}, disable_sliding_window=True, **kw
+    )
+    ea.create_engine_config()
