@@ -14,7 +14,8 @@ pytest.importorskip("vllm")
 from vllm.engine.arg_utils import EngineArgs  # noqa: E402
 
 from meda_vllm.config import ConfigError  # noqa: E402
-from meda_vllm.vllm_adapter import cli  # noqa: E402
+from meda_vllm.vllm_adapter import cli, worker  # noqa: E402
+from meda_vllm.vllm_adapter.layouts import UnsupportedLayoutError  # noqa: E402
 
 
 def _args(**kw) -> EngineArgs:
@@ -204,3 +205,43 @@ def test_a_real_sliding_window_config_is_refused_before_weights_load(tiny_model_
         model=str(sw), additional_config={"kv_policy": "meda"}, disable_sliding_window=True, **kw
     )
     ea.create_engine_config()
+
+
+# ---- the kernel block size (checked by the worker once the backends are known) -------
+
+
+def _runner(manager_block_size: int, policy: str = "meda"):
+    group = SimpleNamespace(kv_cache_spec=SimpleNamespace(block_size=manager_block_size))
+    return SimpleNamespace(
+        vllm_config=SimpleNamespace(additional_config={"kv_policy": policy}),
+        kv_cache_config=SimpleNamespace(kv_cache_groups=[group]),
+    )
+
+
+def test_kernel_block_splitting_is_refused_by_the_worker():
+    with pytest.raises(UnsupportedLayoutError) as exc:
+        worker.check_kernel_block_sizes(_runner(256), [64])
+    assert "--block-size 256 into kernel blocks of 64" in str(exc.value)
+    assert "\n" not in str(exc.value)
+    worker.check_kernel_block_sizes(_runner(32), [32])
+    worker.check_kernel_block_sizes(_runner(256, policy="none"), [64])
+
+
+def test_both_runners_check_the_kernel_block_sizes_they_choose():
+    from vllm.v1.worker.gpu.model_runner import GPUModelRunner as V2
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner as V1
+
+    worker.patch_v1_runner()
+    worker.patch_v2_runner()
+    for cls in (V1, V2):
+        assert "_wrap_initialize_kv_cache" in cls.initialize_kv_cache.__qualname__
+
+    class Runner:  # stands for a runner whose initialize_kv_cache picked kernel blocks
+        def initialize_kv_cache(self, kv_cache_config):
+            self.kernel_block_sizes = [32]
+
+    worker._wrap_initialize_kv_cache(Runner, "kernel_block_sizes")
+    runner = Runner()
+    runner.__dict__.update(vars(_runner(128)))
+    with pytest.raises(UnsupportedLayoutError):
+        runner.initialize_kv_cache(runner.kv_cache_config)
