@@ -145,6 +145,7 @@ def resolve_engine_settings(engine_args: Any) -> KVPolicyConfig:
         )
         engine_args.async_scheduling = False
     _limit_cuda_graphs(engine_args)
+    _choose_attention_backend(engine_args)
     additional.update(cfg.model_dump())
     engine_args.additional_config = additional
     if getattr(engine_args, "_meda_announced", False):
@@ -273,6 +274,64 @@ def _limit_cuda_graphs(engine_args: Any) -> None:
     )
     cc.cudagraph_mode = CUDAGraphMode.PIECEWISE
     engine_args.compilation_config = cc
+
+
+#: Attention backends the compression tests run under, per platform: CPU_ATTN is the
+#: CPU default (tests/e2e); TRITON_ATTN is what tests/gpu_path runs under Model Runner V2
+#: (on CPU tensors, through the Triton interpreter) and so what CUDA gets by default.
+TESTED_BACKENDS = {"cuda": ("TRITON_ATTN",), "cpu": ("CPU_ATTN", "TRITON_ATTN")}
+
+
+def platform_name() -> str:
+    """``cuda``, ``cpu`` or vLLM's name for another platform (patched in tests)."""
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cuda():
+        return "cuda"
+    if current_platform.is_cpu():
+        return "cpu"
+    return str(getattr(current_platform, "device_name", "other"))
+
+
+def _backend_name(value: Any) -> str | None:
+    if value is None:
+        return None
+    name = getattr(value, "name", None) or str(value)
+    return None if name.lower() == "auto" else name.upper()
+
+
+def _choose_attention_backend(engine_args: Any) -> None:
+    """On CUDA pick TRITON_ATTN unless the user chose a backend (vLLM's own default
+    would be FLASH_ATTN / FLASHINFER, which no compression test runs); a chosen backend
+    no test covers runs, with one warning. CPU keeps vLLM's choice."""
+    ac = getattr(engine_args, "attention_config", None)
+    chosen = _backend_name(getattr(engine_args, "attention_backend", None)) or _backend_name(
+        ac.get("backend") if isinstance(ac, dict) else getattr(ac, "backend", None)
+    )
+    platform = platform_name()
+    tested = TESTED_BACKENDS.get(platform)
+    if tested is None:
+        return
+    if chosen is None:
+        if platform != "cuda":
+            return  # CPU always runs CPU_ATTN unless asked otherwise
+        from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+        engine_args.attention_backend = AttentionBackendEnum.TRITON_ATTN
+        logger.info(
+            "meda-vllm: attention backend TRITON_ATTN (the backend KV compression is "
+            "tested with on CUDA; pass --attention-backend to choose another)"
+        )
+        return
+    if chosen not in tested and not getattr(engine_args, "_meda_backend_warned", False):
+        engine_args._meda_backend_warned = True  # resolve runs twice per EngineArgs
+        logger.warning(
+            "meda-vllm: attention backend %s is not covered by meda-vllm's tests on %s "
+            "(tested: %s); KV compression runs with it untested",
+            chosen,
+            platform,
+            ", ".join(tested),
+        )
 
 
 def startup_error(message: str) -> SystemExit:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import shutil
 from types import SimpleNamespace
 
@@ -245,3 +246,98 @@ def test_both_runners_check_the_kernel_block_sizes_they_choose():
     runner.__dict__.update(vars(_runner(128)))
     with pytest.raises(UnsupportedLayoutError):
         runner.initialize_kv_cache(runner.kv_cache_config)
+
+
+# ---- the attention backend (issue 13, item 7) ---------------------------------------
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+@pytest.fixture
+def meda_log():
+    """Our log records, whatever vLLM's logging setup does with propagation."""
+    log = logging.getLogger("vllm.meda_vllm")
+    handler, level = _Records(), log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    yield handler
+    log.removeHandler(handler)
+    log.setLevel(level)
+
+
+def _meda_lines(handler, level):
+    return [r.getMessage() for r in handler.records if r.levelno == level]
+
+
+def test_cuda_without_a_chosen_backend_gets_triton_attn(monkeypatch, meda_log):
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    monkeypatch.setattr(cli, "platform_name", lambda: "cuda")
+    ea = _args(additional_config={"kv_policy": "meda"})
+    cli.resolve_engine_settings(ea)
+    cli.resolve_engine_settings(ea)  # from_cli_args and create_engine_config both run it
+    assert ea.attention_backend == AttentionBackendEnum.TRITON_ATTN
+    picked = [m for m in _meda_lines(meda_log, logging.INFO) if "TRITON_ATTN" in m]
+    assert len(picked) == 1
+    assert not _meda_lines(meda_log, logging.WARNING)
+
+
+@pytest.mark.parametrize("how", ["attention_backend", "attention_config"])
+def test_cuda_keeps_a_user_chosen_backend_with_one_warning(monkeypatch, meda_log, how):
+    monkeypatch.setattr(cli, "platform_name", lambda: "cuda")
+    kw = (
+        {"attention_backend": "FLASH_ATTN"}
+        if how == "attention_backend"
+        else {"attention_config": {"backend": "FLASHINFER"}}
+    )
+    ea = _args(additional_config={"kv_policy": "meda"}, **kw)
+    cli.resolve_engine_settings(ea)
+    cli.resolve_engine_settings(ea)
+    chosen = "FLASH_ATTN" if how == "attention_backend" else "FLASHINFER"
+    if how == "attention_backend":
+        assert ea.attention_backend == "FLASH_ATTN"
+    else:
+        assert ea.attention_backend is None
+    warnings = _meda_lines(meda_log, logging.WARNING)
+    assert len(warnings) == 1 and chosen in warnings[0] and "\n" not in warnings[0]
+
+
+def test_cuda_triton_attn_chosen_by_the_user_is_quiet(monkeypatch, meda_log):
+    monkeypatch.setattr(cli, "platform_name", lambda: "cuda")
+    ea = _args(additional_config={"kv_policy": "meda"}, attention_backend="TRITON_ATTN")
+    cli.resolve_engine_settings(ea)
+    assert ea.attention_backend == "TRITON_ATTN"
+    assert not _meda_lines(meda_log, logging.WARNING)
+
+
+def test_cuda_with_policy_none_leaves_the_backend_alone(monkeypatch, meda_log):
+    monkeypatch.setattr(cli, "platform_name", lambda: "cuda")
+    ea = _args(additional_config={"kv_policy": "none"}, attention_backend="FLASH_ATTN")
+    cli.resolve_engine_settings(ea)
+    assert ea.attention_backend == "FLASH_ATTN"
+    ea = _args(additional_config={"kv_policy": "none"})
+    cli.resolve_engine_settings(ea)
+    assert ea.attention_backend is None
+    assert not _meda_lines(meda_log, logging.WARNING)
+
+
+def test_cpu_changes_nothing(monkeypatch, meda_log):
+    monkeypatch.setattr(cli, "platform_name", lambda: "cpu")
+    ea = _args(additional_config={"kv_policy": "meda"})
+    cli.resolve_engine_settings(ea)
+    assert ea.attention_backend is None
+    for tested in ("CPU_ATTN", "TRITON_ATTN"):  # tests/e2e, tests/gpu_path
+        ea = _args(additional_config={"kv_policy": "meda"}, attention_backend=tested)
+        cli.resolve_engine_settings(ea)
+        assert ea.attention_backend == tested
+    assert not _meda_lines(meda_log, logging.WARNING)
+    ea = _args(additional_config={"kv_policy": "meda"}, attention_backend="FLEX_ATTENTION")
+    cli.resolve_engine_settings(ea)
+    assert len(_meda_lines(meda_log, logging.WARNING)) == 1
