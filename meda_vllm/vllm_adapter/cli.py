@@ -199,7 +199,9 @@ def check_engine_config(vllm_config: Any) -> None:
     """What is known once vLLM has read the model's config, before any weight loads:
     the resolved KV cache dtype (``auto`` may mean a checkpoint's fp8) and whether the
     model needs more than one KV cache group. Raises ConfigError (one line)."""
-    cfg = settings.server_config(vllm_config)
+    # Not settings.server_config: it caches on the config object, and this one is pickled
+    # to the EngineCore, where vLLM's dataclasses.replace rejects unknown attributes.
+    cfg = settings.server_config_from_additional(getattr(vllm_config, "additional_config", None))
     if cfg.kv_policy == "none":
         return
     cache = getattr(vllm_config, "cache_config", None)

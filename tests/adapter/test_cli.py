@@ -205,7 +205,10 @@ def test_a_real_sliding_window_config_is_refused_before_weights_load(tiny_model_
     ea = EngineArgs(
         model=str(sw), additional_config={"kv_policy": "meda"}, disable_sliding_window=True, **kw
     )
-    ea.create_engine_config()
+    vllm_config = ea.create_engine_config()
+    # The checked config still goes through vLLM's dataclasses.replace (the EngineCore
+    # and worker do that while building the model): nothing foreign may be cached on it.
+    vllm_config.with_hf_config(vllm_config.model_config.hf_config)
 
 
 # ---- the kernel block size (checked by the worker once the backends are known) -------
