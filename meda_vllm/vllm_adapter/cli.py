@@ -131,6 +131,7 @@ def resolve_engine_settings(engine_args: Any) -> KVPolicyConfig:
         )
     if getattr(engine_args, "kv_transfer_config", None):
         raise ConfigError(f"--kv-policy {cfg.kv_policy} does not support KV connectors")
+    _refuse_unsupported_features(engine_args, cfg.kv_policy)
     if engine_args.enable_prefix_caching is not False:
         logger.info(
             "meda-vllm: prefix caching disabled: compacted blocks of a compressed "
@@ -144,6 +145,7 @@ def resolve_engine_settings(engine_args: Any) -> KVPolicyConfig:
         )
         engine_args.async_scheduling = False
     _limit_cuda_graphs(engine_args)
+    _choose_attention_backend(engine_args)
     additional.update(cfg.model_dump())
     engine_args.additional_config = additional
     if getattr(engine_args, "_meda_announced", False):
@@ -154,6 +156,103 @@ def resolve_engine_settings(engine_args: Any) -> KVPolicyConfig:
         ", ".join(f"{k}={v}" for k, v in cfg.model_dump().items() if v is not None),
     )
     return cfg
+
+
+#: KV cache dtypes whose pages meda's layouts and kernels read: the model's own float
+#: types (``auto`` is the model dtype). Quantized caches (fp8 variants, nvfp4, int8,
+#: turboquant, ...) store bytes plus scales that compaction and scoring would misread.
+SUPPORTED_KV_CACHE_DTYPES = ("auto", "float16", "bfloat16", "float32")
+
+
+def _refuse_kv_cache_dtype(policy: str, dtype: str | None, source: str = "") -> None:
+    if dtype is None or str(dtype) in SUPPORTED_KV_CACHE_DTYPES:
+        return
+    raise ConfigError(
+        f"--kv-policy {policy} does not support --kv-cache-dtype {dtype}{source} "
+        f"(quantized KV pages); use --kv-cache-dtype auto, float16 or bfloat16, "
+        "or --kv-policy none"
+    )
+
+
+def _refuse_unsupported_features(engine_args: Any, policy: str) -> None:
+    """Settings known from the flags alone that compression cannot run with."""
+    _refuse_kv_cache_dtype(policy, getattr(engine_args, "kv_cache_dtype", None))
+    # Context parallelism shards a request's KV tokens across ranks: each rank would
+    # select from a part of the prompt and hold a different kept length.
+    for flag, field in (
+        ("--decode-context-parallel-size", "decode_context_parallel_size"),
+        ("--prefill-context-parallel-size", "prefill_context_parallel_size"),
+    ):
+        if (getattr(engine_args, field, None) or 1) > 1:
+            raise ConfigError(
+                f"--kv-policy {policy} does not support context parallelism yet ({flag} must be 1)"
+            )
+    # DBO splits a step into two micro-batches; the compression hooks assume one
+    # forward per step (query capture, then compaction after it).
+    if getattr(engine_args, "enable_dbo", False):
+        raise ConfigError(
+            f"--kv-policy {policy} does not support dual batch overlap; drop --enable-dbo"
+        )
+
+
+def check_engine_config(vllm_config: Any) -> None:
+    """What is known once vLLM has read the model's config, before any weight loads:
+    the resolved KV cache dtype (``auto`` may mean a checkpoint's fp8) and whether the
+    model needs more than one KV cache group. Raises ConfigError (one line)."""
+    # Not settings.server_config: it caches on the config object, and this one is pickled
+    # to the EngineCore, where vLLM's dataclasses.replace rejects unknown attributes.
+    cfg = settings.server_config_from_additional(getattr(vllm_config, "additional_config", None))
+    if cfg.kv_policy == "none":
+        return
+    cache = getattr(vllm_config, "cache_config", None)
+    if cache is not None:
+        _refuse_kv_cache_dtype(cfg.kv_policy, cache.cache_dtype, " (from the checkpoint)")
+    model = getattr(vllm_config, "model_config", None)
+    if model is not None:
+        reason = kv_cache_group_problem(model)
+        if reason:
+            hint = "--disable-sliding-window or " if "sliding-window" in reason else ""
+            raise ConfigError(
+                f"--kv-policy {cfg.kv_policy} supports models with one KV cache group "
+                f"(full attention in every layer); this model has {reason} "
+                f"(use {hint}--kv-policy none)"
+            )
+
+
+#: ``layer_types`` entries that are plain full attention (one shared KV cache group).
+_FULL_ATTENTION_LAYER_TYPES = frozenset({"attention", "full_attention"})
+
+
+def kv_cache_group_problem(model_config: Any) -> str | None:
+    """Why this model would get several KV cache groups (or none), from its config;
+    None if every layer is full attention. ``scheduler.attach`` re-checks the groups
+    vLLM actually builds (backstop)."""
+    text = getattr(model_config, "hf_text_config", None) or model_config.hf_config
+    if getattr(model_config, "is_attention_free", False):
+        return "no attention layers"
+    if getattr(model_config, "is_hybrid", False):
+        return "non-attention (e.g. Mamba / linear attention) layers"
+    if getattr(model_config, "is_encoder_decoder", False):
+        return "cross-attention layers (encoder-decoder)"
+    if getattr(model_config, "use_mla", False):
+        return "multi-head latent attention (MLA), not full attention"
+    # vLLM sets sliding_window to None when --disable-sliding-window is given (every
+    # layer then runs full attention), so this reads what vLLM will build.
+    window = model_config.get_sliding_window()
+    if window:
+        return f"sliding-window attention layers (window {window})"
+    if getattr(text, "attention_chunk_size", None):
+        return "chunked local attention layers"
+    others = sorted(
+        {
+            str(t)
+            for t in getattr(text, "layer_types", None) or ()
+            if t not in _FULL_ATTENTION_LAYER_TYPES and t != "sliding_attention"
+        }
+    )
+    if others:
+        return f"layer types {', '.join(others)}"
+    return None
 
 
 def _limit_cuda_graphs(engine_args: Any) -> None:
@@ -179,6 +278,64 @@ def _limit_cuda_graphs(engine_args: Any) -> None:
     engine_args.compilation_config = cc
 
 
+#: Attention backends the compression tests run under, per platform: CPU_ATTN is the
+#: CPU default (tests/e2e); TRITON_ATTN is what tests/gpu_path runs under Model Runner V2
+#: (on CPU tensors, through the Triton interpreter) and so what CUDA gets by default.
+TESTED_BACKENDS = {"cuda": ("TRITON_ATTN",), "cpu": ("CPU_ATTN", "TRITON_ATTN")}
+
+
+def platform_name() -> str:
+    """``cuda``, ``cpu`` or vLLM's name for another platform (patched in tests)."""
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cuda():
+        return "cuda"
+    if current_platform.is_cpu():
+        return "cpu"
+    return str(getattr(current_platform, "device_name", "other"))
+
+
+def _backend_name(value: Any) -> str | None:
+    if value is None:
+        return None
+    name = getattr(value, "name", None) or str(value)
+    return None if name.lower() == "auto" else name.upper()
+
+
+def _choose_attention_backend(engine_args: Any) -> None:
+    """On CUDA pick TRITON_ATTN unless the user chose a backend (vLLM's own default
+    would be FLASH_ATTN / FLASHINFER, which no compression test runs); a chosen backend
+    no test covers runs, with one warning. CPU keeps vLLM's choice."""
+    ac = getattr(engine_args, "attention_config", None)
+    chosen = _backend_name(getattr(engine_args, "attention_backend", None)) or _backend_name(
+        ac.get("backend") if isinstance(ac, dict) else getattr(ac, "backend", None)
+    )
+    platform = platform_name()
+    tested = TESTED_BACKENDS.get(platform)
+    if tested is None:
+        return
+    if chosen is None:
+        if platform != "cuda":
+            return  # CPU always runs CPU_ATTN unless asked otherwise
+        from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+        engine_args.attention_backend = AttentionBackendEnum.TRITON_ATTN
+        logger.info(
+            "meda-vllm: attention backend TRITON_ATTN (the backend KV compression is "
+            "tested with on CUDA; pass --attention-backend to choose another)"
+        )
+        return
+    if chosen not in tested and not getattr(engine_args, "_meda_backend_warned", False):
+        engine_args._meda_backend_warned = True  # resolve runs twice per EngineArgs
+        logger.warning(
+            "meda-vllm: attention backend %s is not covered by meda-vllm's tests on %s "
+            "(tested: %s); KV compression runs with it untested",
+            chosen,
+            platform,
+            ", ".join(tested),
+        )
+
+
 def startup_error(message: str) -> SystemExit:
     """A clean one-line failure for `vllm serve` (no traceback)."""
     return SystemExit(f"vllm: error: {message}")
@@ -201,6 +358,7 @@ def patch_engine_args() -> None:
 
     def from_cli_args_(cls, args):
         engine_args = orig_from(cls, args)
+        engine_args._meda_cli = True  # `vllm serve`: later refusals exit with one line too
         if any(getattr(args, d, None) is not None for d in _FLAG_DESTS):
             engine_args.additional_config = fold_cli_args(args, engine_args.additional_config)
         try:
@@ -210,8 +368,16 @@ def patch_engine_args() -> None:
         return engine_args
 
     def create_engine_config(self, *args, **kwargs):
-        resolve_engine_settings(self)
-        return orig_create(self, *args, **kwargs)
+        try:
+            resolve_engine_settings(self)
+            vllm_config = orig_create(self, *args, **kwargs)
+            # The model's config is read now; its weights load later, in the EngineCore.
+            check_engine_config(vllm_config)
+        except ConfigError as e:
+            if getattr(self, "_meda_cli", False):
+                raise startup_error(str(e)) from None
+            raise
+        return vllm_config
 
     EngineArgs.add_cli_args = staticmethod(add_cli_args_)
     EngineArgs.from_cli_args = classmethod(from_cli_args_)

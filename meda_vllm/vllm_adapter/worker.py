@@ -28,6 +28,7 @@ from meda_vllm.kernels.layout import PagedKVLayout
 from meda_vllm.modality import modality_mask
 from meda_vllm.paged_view import apply_plan, plan_paged_request
 from meda_vllm.vllm_adapter import capture, metrics, plan_dump, settings
+from meda_vllm.vllm_adapter.layouts import UnsupportedLayoutError
 from meda_vllm.vllm_adapter.log import logger
 from meda_vllm.vllm_adapter.scheduler import ARM_ATTR, RECOMPUTE, RESULT_ATTR, cdiv
 
@@ -373,6 +374,43 @@ def _v1_compress(runner: Any, state: WorkerCompression, rid: str, cfg: dict[str,
     state.compress_request(rid, cfg, list(row_ids), truncate)
 
 
+def check_kernel_block_sizes(runner: Any, kernel_block_sizes: list[int] | None) -> None:
+    """Refuse vLLM's virtual kernel-block splitting (a backend whose kernels want smaller
+    pages than the KV manager's blocks: each manager block becomes several kernel blocks).
+    The worker reads and compacts pages by the manager's block ids and block size, so a
+    split cache would be misread. vLLM decides this in ``initialize_kv_cache``, once the
+    model's attention backends are known (after the weights load, before the engine
+    serves), which is the earliest it can be checked."""
+    state = _state(runner)
+    if state is None or not kernel_block_sizes:
+        return
+    groups = runner.kv_cache_config.kv_cache_groups
+    # Encoder-only groups get no kernel block size; models with them are refused earlier.
+    for group, kernel in zip(groups, kernel_block_sizes, strict=False):
+        manager = group.kv_cache_spec.block_size
+        if kernel != manager:
+            message = (
+                f"meda-vllm: --kv-policy {state.server.kv_policy} needs the attention "
+                f"kernels' block size to equal the KV cache block size; the backend splits "
+                f"--block-size {manager} into kernel blocks of {kernel} (pass --block-size "
+                f"{kernel}, another --attention-backend, or --kv-policy none)"
+            )
+            logger.error(message)
+            raise UnsupportedLayoutError(message)
+
+
+def _wrap_initialize_kv_cache(cls: Any, attr: str) -> None:
+    """Check the kernel block sizes the runner just chose (stored on ``runner.<attr>``)."""
+    orig = cls.initialize_kv_cache
+
+    def initialize_kv_cache(self, *args, **kwargs):
+        result = orig(self, *args, **kwargs)
+        check_kernel_block_sizes(self, getattr(self, attr, None))
+        return result
+
+    cls.initialize_kv_cache = initialize_kv_cache
+
+
 def patch_v1_runner() -> None:
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
@@ -418,6 +456,7 @@ def patch_v1_runner() -> None:
     GPUModelRunner._prepare_inputs = _prepare_inputs
     GPUModelRunner.execute_model = execute_model
     _wrap_sample_tokens(GPUModelRunner)
+    _wrap_initialize_kv_cache(GPUModelRunner, "_kernel_block_sizes")
     GPUModelRunner._meda_patched = True
 
 
@@ -530,6 +569,7 @@ def patch_v2_runner() -> None:
     GPUModelRunner.prepare_attn = prepare_attn
     GPUModelRunner.execute_model = execute_model
     _wrap_sample_tokens(GPUModelRunner)
+    _wrap_initialize_kv_cache(GPUModelRunner, "kernel_block_sizes")
     GPUModelRunner._meda_patched = True
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import openai
 import pytest
@@ -184,13 +185,47 @@ def test_compression_multiplies_concurrent_long_requests(server_factory):
         (["--kv-budget", "0"], "kv_budget must be"),
         (["--kv-policy", "meda", "--kv-policy-config", '{"kv_window": 0}'], "kv_window"),
         (["--kv-policy", "meda", "--kv-policy-config", "{not json"], "--kv-policy-config"),
+        ([*MEDA, "--kv-cache-dtype", "fp8"], "--kv-cache-dtype fp8"),
+        ([*MEDA, "--decode-context-parallel-size", "2"], "--decode-context-parallel-size"),
+        ([*MEDA, "--enable-dbo"], "--enable-dbo"),
     ],
 )
 def test_bad_flags_fail_at_startup_with_one_line(tiny_model_dir, flags, message):
-    proc = run_cli(["serve", str(tiny_model_dir), *flags])
+    _assert_refused_before_loading(run_cli(["serve", str(tiny_model_dir), *flags]), message)
+
+
+#: Log lines of an EngineCore that started, or of a model whose weights began to load.
+_LOADING_MARKERS = ("EngineCore", "Starting to load model", "Loading weights", "Model loading")
+
+
+def _assert_refused_before_loading(proc, message: str) -> None:
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()[-1]
-    assert message in last, proc.stderr[-2000:]
+    # "vllm: error: ..." (ours) or "vllm serve: error: ..." (argparse)
+    assert last.startswith("vllm") and ": error: " in last and message in last, proc.stderr[-2000:]
+    log = proc.stdout + proc.stderr
+    assert not [m for m in _LOADING_MARKERS if m in log], log[-2000:]
+
+
+@pytest.fixture(scope="module")
+def sliding_window_model_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny Qwen2-VL, its config switched to sliding-window attention in every layer
+    (weights untouched: they must never be read)."""
+    out = tmp_path_factory.mktemp("tiny-sliding-window")
+    shutil.copytree(tiny_model_dir, out, dirs_exist_ok=True)
+    config = json.loads((out / "config.json").read_text())
+    text = config["text_config"]
+    text.update(use_sliding_window=True, sliding_window=4096, max_window_layers=0)
+    text["layer_types"] = ["sliding_attention"] * text["num_hidden_layers"]
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+def test_sliding_window_model_is_refused_before_loading(sliding_window_model_dir):
+    """Several KV cache groups are seen in the model's config by create_engine_config (API
+    server), before an EngineCore starts; scheduler.attach stays the backstop."""
+    proc = run_cli(["serve", str(sliding_window_model_dir), *MEDA, "--max-model-len", "2048"])
+    _assert_refused_before_loading(proc, "sliding-window attention layers")
 
 
 def test_chunked_prefill_compresses_after_the_last_chunk(server_factory, none_server):
