@@ -8,6 +8,7 @@ import os
 
 import pytest
 
+from tests.e2e.client import skip_count, wait_idle
 from tests.gpu_path.server import GpuPathServer
 from tests.gpu_path.test_gpu_path import V2_RUNNERS
 from tests.oracle import check
@@ -78,3 +79,21 @@ def test_a_broken_plugin_fails_the_oracle_on_v2(v2_server, oracle, dump_dir, fau
         assert any("logprobs differ" in p or "tokens differ" in p for p in found), found
     finally:
         v2_server.fault_file.write_text("")
+
+
+@pytest.mark.parametrize("stage", ["plan", "compact"])
+def test_a_failure_in_one_request_leaves_v2_serving(v2_server, oracle, dump_dir, stage):
+    """Planning fails (served uncompressed) / compaction fails after rewriting the pages
+    (preempted, V2 frees its row, recomputed uncompressed): the stock answer either way,
+    counted, and the pool is fully free afterwards."""
+    content = check.cases()["images"]
+    before = skip_count(v2_server, "error")
+    v2_server.fault_file.write_text(f"raise_{stage}")
+    try:
+        answer = check.ask(v2_server, content, {"kv_policy": "meda", "kv_window": check.WINDOW})
+    finally:
+        v2_server.fault_file.write_text("")
+    full = oracle.run(content, None, len(answer.tokens))
+    assert not check.mismatches(answer, full), stage
+    assert skip_count(v2_server, "error") == before + 1, v2_server.tail(80)
+    assert wait_idle(v2_server)["vllm:kv_cache_usage_perc"] == 0.0
