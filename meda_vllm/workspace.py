@@ -123,7 +123,9 @@ def layer_cost(
     else:
         dense = 2 * h * n * d * cb
         chunk = TORCH_CHUNK_ELEMS
-        logits = 3 * 4 * min(chunk, group * max(1, rows) * n) + 4 * n * d + 4 * h * n
+        # chunked logits, fp32 copies of K (all heads) and of the selected query rows
+        logits = 3 * 4 * min(chunk, group * max(1, rows) * n) + 4 * h * n * d + 4 * h * n
+        logits += 2 * heads * r_all * d * (qb + 4)
         merge_bytes = 0
         if merging:
             # merge_evicted: fp32 copies of K or V, accumulators, the chunked similarities
