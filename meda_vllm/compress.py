@@ -15,7 +15,8 @@ one launch each, instead of a few dozen small launches per layer.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
@@ -54,6 +55,7 @@ def compress(
     *,
     pad_to: int | Literal["max"] | None = None,
     layer_set: Callable[[], LayerView] | None = None,
+    chunked: Callable[[int], Sequence[tuple[int, int, Callable[[], LayerView]]]] | None = None,
 ) -> CompressionPlan | None:
     """Plan the compression of one request's prompt cache; None when nothing is evicted.
 
@@ -67,6 +69,12 @@ def compress(
     for selection and merging when every layer keeps the same physical length (padding)
     and the policy is ``stackable``; the plan then carries it as ``CompressionPlan.stacked``
     and its per-layer plans are views of it. The result equals the per-layer plan.
+
+    ``chunked(P)``: instead of one layer set, chunks ``(lo, hi, view of layers lo..hi-1)``
+    for physical length ``P`` (a bounded workspace, ``paged_view``). Budgets then come from
+    the per-layer views (MEDA's entropies, MadaKV's demands: every layer read once), then
+    each chunk is ranked as a layer set and its merge deferred to compaction
+    (``CompressionPlan.chunks``, ``LayerPlan.pending``). The plan equals the unchunked one.
     """
     if num_layers < 1:
         raise ValueError(f"num_layers must be >= 1 (got {num_layers})")
@@ -84,6 +92,10 @@ def compress(
             raise ValueError(f"layer {layer} view has {view.N} tokens, expected {n}")
         return view
 
+    if chunked is not None:
+        layer_set = None  # the chunks replace the one layer set
+        if not policy.stackable:
+            chunked = None  # layer by layer
     set_view = None
     if layer_set is not None and policy.stackable:
         set_view = layer_set()
@@ -105,8 +117,19 @@ def compress(
         return None
     physical = _physical_length(pad_to, budgets, n)
 
-    stacked = None
-    if set_view is not None and max(budgets) <= physical < n:
+    stacked = chunks = None
+    if chunked is not None and max(budgets) <= physical < n:
+        chunks, layers = [], []
+        for lo, hi, get_set in chunked(physical):
+            view = get_set()
+            part = _plan_layer(policy, view, budgets[lo:hi], physical, defer_merge=True)
+            del view
+            chunks.append((lo, hi, part))
+            layers += [
+                LayerPlan(kept=kept, keys=None, values=None, budget=b)
+                for kept, b in zip(part.kept.chunk(hi - lo, dim=0), budgets[lo:hi], strict=True)
+            ]
+    elif set_view is not None and max(budgets) <= physical < n:
         stacked = _plan_layer(policy, set_view, budgets, physical)
         layers = [
             LayerPlan(kept=kept, keys=keys, values=values, budget=b)
@@ -129,6 +152,7 @@ def compress(
         entropy=alloc.entropy,
         layer_budgets=budgets,
         stacked=stacked,
+        chunks=chunks,
     )
 
 
@@ -150,7 +174,12 @@ def _physical_length(pad_to: int | str | None, budgets: list[int], n: int) -> in
 
 
 def _plan_layer(
-    policy: Policy, view: LayerView, budget: int | list[int], physical: int
+    policy: Policy,
+    view: LayerView,
+    budget: int | list[int],
+    physical: int,
+    *,
+    defer_merge: bool = False,
 ) -> LayerPlan:
     n = view.N
     device = view.device
@@ -165,6 +194,10 @@ def _plan_layer(
         weights = window_scores(view, policy.score_rows(n))
     if policy.merge == "none":
         keys = values = None
+    elif defer_merge and view.merge is not None:  # merged when compacted (reads the pages)
+        w = weights if policy.merge == "weighted" else None
+        pending = functools.partial(view.merge, kept, policy.merge, w)
+        return LayerPlan(kept=kept, keys=None, values=None, budget=budget, pending=pending)
     elif view.merge is not None:
         keys, values = view.merge(kept, policy.merge, weights)
     else:

@@ -63,7 +63,14 @@ _ALLOWED: dict[str, str] = {
     "kv_pyramid_beta": "a number > 1",
     "kv_lookm_recent_ratio": "a number in [0, 1]",
     "kv_lookm_topk_ratio": "a number in [0, 1]",
+    "kv_workspace_bytes": "0 (auto) or an integer >= 1048576 (1 MiB)",
 }
+
+#: Settings of the whole server: a request cannot override them (``merged`` refuses).
+SERVER_ONLY: frozenset[str] = frozenset({"kv_workspace_bytes"})
+
+#: The smallest explicit ``kv_workspace_bytes`` (below it nothing useful fits).
+MIN_WORKSPACE_BYTES = 1 << 20
 
 _INT_RANGES: dict[str, tuple[int, int | None]] = {
     "kv_window": (1, None),
@@ -139,6 +146,9 @@ class KVPolicyConfig(BaseModel):
     kv_pyramid_beta: float = 20.0
     kv_lookm_recent_ratio: float = 0.1
     kv_lookm_topk_ratio: float = 0.1
+    # Device memory set aside at engine start for one request's compression (plan, merge,
+    # compaction); 0 = auto: enough for one layer at max_model_len (meda_vllm.workspace).
+    kv_workspace_bytes: int = 0
 
     def __init__(self, **data: Any) -> None:
         try:
@@ -157,6 +167,14 @@ class KVPolicyConfig(BaseModel):
                 raise _Invalid
             return int(out)
         if out <= 0:
+            raise _Invalid
+        return out
+
+    @field_validator("kv_workspace_bytes", mode="before")
+    @classmethod
+    def _check_workspace(cls, value: Any) -> int:
+        out = _as_int(value)
+        if out != 0 and out < MIN_WORKSPACE_BYTES:
             raise _Invalid
         return out
 
@@ -236,9 +254,17 @@ class KVPolicyConfig(BaseModel):
         return cls(**_normalise(data))
 
     def merged(self, overrides: Mapping[str, Any]) -> KVPolicyConfig:
-        """Per-request overrides on top of these (server) defaults, validated the same way."""
+        """Per-request overrides on top of these (server) defaults, validated the same way.
+
+        Server-wide settings (``SERVER_ONLY``) are refused with one line."""
         fields = self.model_dump()
-        fields.update(_normalise(overrides))
+        given = _normalise(overrides)
+        for key in sorted(SERVER_ONLY & set(given)):
+            raise ConfigError(
+                f"{key} is a server-wide setting (--kv-policy-config); a request cannot "
+                f"override it (got {given[key]!r})"
+            )
+        fields.update(given)
         return type(self)(**fields)
 
     # --- derived values ---------------------------------------------------------------

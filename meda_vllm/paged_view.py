@@ -34,12 +34,14 @@ from meda_vllm.kernels import (
     paged_scores_and_entropy,
     paged_window_scores,
 )
+from meda_vllm.kernels.dispatch import num_sms
 from meda_vllm.kernels.layout import same_geometry
 from meda_vllm.merging import merge_weights
 from meda_vllm.policies import build_policy
 from meda_vllm.policies.meda import MEDAPolicy
 from meda_vllm.selection import rows_for_positions
 from meda_vllm.types import CompressionPlan, LayerView, check_query_positions
+from meda_vllm.workspace import WorkspaceTooSmall, layer_cost
 
 Caches = Tensor | Sequence[Tensor]
 
@@ -132,6 +134,7 @@ def plan_paged_request(
     *,
     fast: bool,
     layer_sets: bool = True,
+    workspace: int | None = None,
 ) -> CompressionPlan | None:
     """Plan one request's compression straight from its pages (what the worker runs).
 
@@ -142,6 +145,12 @@ def plan_paged_request(
     (``pad_to="max"``, phase 1 of docs/INTEGRATION.md). None: nothing to evict.
     ``layer_sets``: on the fast path, treat all layers as one set when they share a
     layout (the default; False plans layer by layer, the same plan with more launches).
+
+    ``workspace``: bytes the plan and compaction may allocate (``kv_workspace_bytes``;
+    None: unbounded). The layer set is then processed in chunks of as many layers as fit
+    (``workspace.layer_cost``): the same plan, with its merges deferred to ``apply_plan``
+    so that one chunk's merged K/V exist at a time. ``WorkspaceTooSmall`` when not even one
+    layer fits (raised before any page is written).
     """
     # Row selections from one host copy of the positions (checked once here, not in every
     # layer's view): on a GPU each would otherwise synchronise.
@@ -183,7 +192,75 @@ def plan_paged_request(
         )  # fmt: skip
 
     layer_set = set_view if shared else None
-    return compress(get_view, num_layers, cfg, n, pad_to="max", layer_set=layer_set)
+    if workspace is None:
+        return compress(get_view, num_layers, cfg, n, pad_to="max", layer_set=layer_set)
+
+    first = query_rows(0)
+    geometry = {
+        "heads": first.shape[0],
+        "kv_heads": layouts[0].num_kv_heads,
+        "head_size": layouts[0].head_size,
+        "dtype": caches[0].dtype,
+        "merge": policy.merge,
+        "score_rows": int(score_sel.numel()),
+        "entropy_rows": 0 if entropy_sel is None else int(entropy_sel.numel()),
+        "query_rows": int(query_pos.numel()),
+        "query_dtype": first.dtype,
+        "fast": fast,
+        "num_sms": num_sms(caches[0].device),
+    }
+
+    def fitting(p: int, *, deferred: bool, strict: bool = True) -> int:
+        cost = layer_cost(n, p, merged_retained=not deferred, **geometry)
+        count = cost.layers_per_chunk(num_layers, workspace)
+        if count < 1 and strict:
+            need = cost.chunk_bytes(num_layers, 1)
+            raise WorkspaceTooSmall(
+                f"one layer of this request (N = {n}, P = {p}) needs {need} bytes, "
+                f"kv_workspace_bytes is {workspace}"
+            )
+        return count
+
+    if not shared:  # layer by layer (the torch path, mixed layouts): every layer's plan
+        fitting(max(0, n - 1), deferred=False)  # is held until compaction
+        return compress(get_view, num_layers, cfg, n, pad_to="max")
+    if fitting(max(0, n - 1), deferred=True, strict=False) >= num_layers:
+        return compress(get_view, num_layers, cfg, n, pad_to="max", layer_set=layer_set)
+
+    # Chunks: budgets from per-layer views fed by chunk views (one alive at a time), then
+    # selection, merging and compaction chunk by chunk.
+    current: dict[tuple[int, int], LayerView] = {}
+
+    def chunk_view(lo: int, hi: int) -> LayerView:
+        if (lo, hi) not in current:
+            current.clear()
+            rows = torch.cat([query_rows(layer) for layer in range(lo, hi)])
+            current[(lo, hi)] = paged_layer_view(
+                list(caches[lo:hi]), layout, row, n, rows, query_pos, vis,
+                score_sel=score_sel, entropy_sel=entropy_sel, **common,
+            )  # fmt: skip
+        return current[(lo, hi)]
+
+    budget_chunk = fitting(0, deferred=True)
+
+    def get_chunked_view(layer: int) -> LayerView:
+        lo = layer - layer % budget_chunk
+        hi = min(num_layers, lo + budget_chunk)
+        at = (layer - lo) * heads
+        overrides = {"scores": lambda: chunk_view(lo, hi).window_scores[at : at + heads]}
+        if entropy_sel is not None and vis is not None:
+            overrides["entropy"] = lambda: chunk_view(lo, hi).entropy[layer - lo]
+        return paged_layer_view(
+            caches[layer], layouts[layer], row, n, query_rows(layer), query_pos, vis,
+            score_sel=score_sel, entropy_sel=entropy_sel, **common, **overrides,
+        )  # fmt: skip
+
+    def chunks(p: int) -> list[tuple[int, int, Callable[[], LayerView]]]:
+        size = fitting(p, deferred=True)
+        spans = [(lo, min(num_layers, lo + size)) for lo in range(0, num_layers, size)]
+        return [(lo, hi, functools.partial(chunk_view, lo, hi)) for lo, hi in spans]
+
+    return compress(get_chunked_view, num_layers, cfg, n, pad_to="max", chunked=chunks)
 
 
 def _one_layout(caches: Sequence[Tensor], layouts: Sequence[PagedKVLayout]) -> bool:
@@ -200,6 +277,12 @@ def apply_plan(
     (a plan made from a layer set: all layers in one launch)."""
     if all(lp.keys is None and lp.physical_tokens >= plan.n_tokens for lp in plan.layers):
         return  # every layer keeps all N tokens in place (a layer's budget reached N)
+    if plan.chunks is not None:  # one chunk's merged K/V at a time
+        for lo, hi, part in plan.chunks:
+            keys, values = part.merged()  # reads this chunk's pages before they move
+            compact_(list(caches[lo:hi]), layouts[lo], row, part.kept, keys, values)
+            del keys, values
+        return
     if plan.stacked is not None:
         st = plan.stacked
         compact_(list(caches), layouts[0], row, st.kept, st.keys, st.values)

@@ -193,6 +193,16 @@ class LayerPlan:
     keys: Tensor | None
     values: Tensor | None
     budget: int | list[int]
+    #: a merge deferred to compaction (layer chunks: only one chunk's merged K/V exist at
+    #: a time); ``merged()`` runs it. None: ``keys``/``values`` are final.
+    pending: Callable[[], tuple[Tensor | None, Tensor | None]] | None = None
+
+    def merged(self) -> tuple[Tensor | None, Tensor | None]:
+        """The K/V to write in the kept slots (running a deferred merge, which reads the
+        pages: call it before they are compacted)."""
+        if self.pending is not None:
+            return self.pending()
+        return self.keys, self.values
 
     @property
     def physical_tokens(self) -> int:
@@ -212,6 +222,16 @@ class CompressionPlan:
     #: the plan of all layers at once (heads layer-major, ``[L * H_kv, P]``) when it was
     #: made from a layer set (``compress(layer_set=...)``); ``layers`` are views of it
     stacked: LayerPlan | None = None
+    #: the plans of layer chunks ``(lo, hi, plan of layers lo..hi-1 stacked)`` when the
+    #: workspace did not fit all layers at once (``paged_view``); merges are deferred
+    chunks: list[tuple[int, int, LayerPlan]] | None = None
+
+    @property
+    def merges(self) -> bool:
+        """Whether any layer writes merged entries."""
+        return any(lp.keys is not None for lp in self.layers) or any(
+            part.pending is not None or part.keys is not None for _, _, part in self.chunks or ()
+        )
 
     @property
     def kept_tokens(self) -> int:

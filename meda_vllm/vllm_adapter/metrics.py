@@ -99,7 +99,7 @@ SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 
 #: Skip reasons. Scheduler: decided before the last prefill chunk runs; worker: after it.
 SCHEDULER_SKIP_REASONS = ("short_prompt", "disabled_by_request", "recompute_after_preemption")
-WORKER_SKIP_REASONS = ("nothing_to_evict", "query_rows_missing", "error")
+WORKER_SKIP_REASONS = ("nothing_to_evict", "query_rows_missing", "error", "workspace")
 #: Compressed, but with the policy's fallback budgets (MEDA: uniform; see policies/meda.py).
 FALLBACK_REASONS = ("text_only", "vision_only", "no_cross_modal_rows")
 
@@ -185,6 +185,13 @@ METRICS: dict[str, MetricDef] = {
             "meda:kv_cache_blocks",
             "gauge",
             "Usable blocks in the KV cache pool (the denominator of vllm:kv_cache_usage_perc).",
+        ),
+        # worker process, at engine start
+        MetricDef(
+            "meda:workspace_bytes",
+            "gauge",
+            "Device memory set aside at engine start for compressing one request "
+            "(kv_workspace_bytes; excluded from the KV cache unless --kv-cache-memory-bytes).",
         ),
         MetricDef(
             "meda:kv_policy",
@@ -443,6 +450,12 @@ def on_compressed(vllm_config: Any, stats: Any, policy: str) -> None:
     for layer, budget in enumerate(stats.layer_budgets):
         rec.set("meda:layer_budget_ratio", budget / n, layer=layer)
         rec.inc("meda:layer_kept_tokens", budget, layer=layer)
+
+
+@_safe
+def on_workspace(vllm_config: Any, workspace_bytes: int) -> None:
+    """The worker resolved (and reserved) its compression workspace."""
+    _configure(vllm_config).set("meda:workspace_bytes", workspace_bytes)
 
 
 # ---- API server side ---------------------------------------------------------------------------

@@ -80,6 +80,8 @@ PATCHES = (
     ("vllm.v1.worker.gpu_model_runner", "worker:patch_v1_runner"),
     ("vllm.entrypoints.serve.instrumentator.metrics", "metrics:patch_metrics_route"),
     ("vllm.v1.worker.gpu.model_runner", "worker:patch_v2_runner"),
+    ("vllm.v1.worker.gpu_worker", "worker:patch_workers"),
+    ("vllm.v1.worker.cpu_worker", "worker:patch_cpu_worker"),
 )
 
 

@@ -31,6 +31,7 @@ from meda_vllm.vllm_adapter import capture, metrics, plan_dump, settings
 from meda_vllm.vllm_adapter.layouts import UnsupportedLayoutError
 from meda_vllm.vllm_adapter.log import logger
 from meda_vllm.vllm_adapter.scheduler import ARM_ATTR, RECOMPUTE, RESULT_ATTR, cdiv
+from meda_vllm.workspace import WorkspaceTooSmall, auto_workspace_bytes
 
 
 @dataclass
@@ -69,6 +70,8 @@ class WorkerCompression:
     preempted: set[str] = field(default_factory=set)
     results: dict[str, tuple[int, int]] = field(default_factory=dict)
     history: list[CompressionStats] = field(default_factory=list)
+    # kv_workspace_bytes resolved at setup (resolve_workspace); None: unbounded
+    workspace_bytes: int | None = None
 
     # ---- setup -------------------------------------------------------------------------
     def setup(self) -> None:
@@ -91,6 +94,8 @@ class WorkerCompression:
         self.layouts = [layout_for(layers[n], layers[n].kv_cache) for n in self.layer_names]
         self.block_size = self.layouts[0].block_size
         capture.wrap_attention_layers(layers, index)
+        self.workspace_bytes = resolve_workspace(self.runner.vllm_config, self.server)
+        metrics.on_workspace(self.runner.vllm_config, self.workspace_bytes)
         self.ready = True
         logger.info(
             "meda-vllm: worker ready: %d layers, block size %d, backend %s",
@@ -213,7 +218,12 @@ class WorkerCompression:
                 vis,
                 cfg,
                 fast=fast,
+                workspace=self.workspace_bytes,
             )
+        except WorkspaceTooSmall as e:  # nothing written yet: serve it uncompressed
+            logger.warning("meda-vllm: %s: not compressed: %s", rid, e)
+            metrics.on_skip("workspace", self.runner.vllm_config)
+            return
         except Exception:  # noqa: BLE001 - planning only reads the cache: serve uncompressed
             logger.exception("meda-vllm: %s: compression failed; serving it uncompressed", rid)
             metrics.on_skip("error", self.runner.vllm_config)
@@ -259,8 +269,107 @@ def _dump_record(rid: str, info: RequestInfo, cfg: KVPolicyConfig, plan: Any) ->
         "cfg": cfg.model_dump(),
         "layer_budgets": list(plan.layer_budgets),
         "kept": [lp.kept.cpu() for lp in plan.layers],  # per layer [H_kv, P]
-        "merged": any(lp.keys is not None for lp in plan.layers),
+        "merged": plan.merges,
     }
+
+
+# ---- the compression workspace (reserved at engine start) ------------------------------------
+
+
+def _max_query_rows(cfg: KVPolicyConfig, max_model_len: int) -> int:
+    """The most query rows any policy captures per layer with these server settings."""
+    visual = cfg.kv_meda_visual_rows or -(-max_model_len // cfg.kv_meda_visual_stride)
+    rows = max(cfg.kv_window + visual, cfg.kv_h2o_max_queries, cfg.kv_window)
+    return min(max_model_len, rows)
+
+
+def resolve_workspace(vllm_config: Any, cfg: KVPolicyConfig) -> int:
+    """``kv_workspace_bytes``, or for 0 (auto) the bytes of one layer at ``max_model_len``
+    (``workspace.auto_workspace_bytes``) for this model and device."""
+    if cfg.kv_workspace_bytes:
+        return cfg.kv_workspace_bytes
+    mc, pc = vllm_config.model_config, vllm_config.parallel_config
+    device = torch.device(vllm_config.device_config.device_type)
+    fast = WorkerCompression.use_paged_kernels(device)
+    sms = 1
+    if device.type == "cuda" and torch.cuda.is_available():
+        sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    return auto_workspace_bytes(
+        mc.max_model_len,
+        heads=mc.get_num_attention_heads(pc),
+        kv_heads=mc.get_num_kv_heads(pc),
+        head_size=mc.get_head_size(),
+        dtype=mc.dtype,
+        max_query_rows=_max_query_rows(cfg, mc.max_model_len),
+        num_layers=mc.get_num_layers(pc),
+        fast=fast,
+        num_sms=sms,
+    )
+
+
+def reserve_workspace(worker: Any, available: int) -> int:
+    """The KV cache bytes left once the compression workspace is set aside (patch 23).
+
+    ``available``: what vLLM's ``determine_available_memory`` found for the KV cache. An
+    explicit ``--kv-cache-memory-bytes`` is vLLM's KV cache size: the workspace comes on
+    top of it (not subtracted). Otherwise (``--gpu-memory-utilization`` on GPU, the CPU
+    worker's requested memory) it is subtracted, so vLLM sizes the cache without it."""
+    vllm_config = worker.vllm_config
+    server = settings.server_config(vllm_config)
+    if server.kv_policy == "none":
+        return available
+    workspace = resolve_workspace(vllm_config, server)
+    explicit = vllm_config.cache_config.kv_cache_memory_bytes is not None
+    how = "auto: one layer at max_model_len" if not server.kv_workspace_bytes else "set"
+    if explicit:
+        left = available
+        where = "on top of --kv-cache-memory-bytes"
+    else:
+        left = available - workspace
+        where = "taken out of the KV cache budget"
+        if hasattr(worker, "available_kv_cache_memory_bytes"):  # GPU worker's own record
+            worker.available_kv_cache_memory_bytes = left
+        if left <= 0:
+            raise ValueError(
+                f"meda-vllm: the compression workspace ({workspace} bytes, kv_workspace_bytes) "
+                f"does not fit the {available} bytes vLLM found for the KV cache; lower "
+                "kv_workspace_bytes or --max-model-len, or raise --gpu-memory-utilization"
+            )
+    logger.info(
+        "meda-vllm: compression workspace %.1f MiB (%s), %s: KV cache %.1f MiB",
+        workspace / 2**20,
+        how,
+        where,
+        left / 2**20,
+    )
+    metrics.on_workspace(vllm_config, workspace)
+    return left
+
+
+def patch_workers() -> None:
+    """Patch 23: subtract the workspace in every worker's ``determine_available_memory``
+    (GPU ``Worker``; the CPU worker overrides the method, so both)."""
+    from vllm.v1.worker.gpu_worker import Worker
+
+    _wrap_available_memory(Worker)
+
+
+def patch_cpu_worker() -> None:
+    from vllm.v1.worker.cpu_worker import CPUWorker
+
+    _wrap_available_memory(CPUWorker)
+
+
+def _wrap_available_memory(cls: Any) -> None:
+    if cls.__dict__.get("_meda_patched", False):
+        return
+    orig = cls.determine_available_memory
+
+    def determine_available_memory(self):
+        return reserve_workspace(self, orig(self))
+
+    cls.determine_available_memory = determine_available_memory
+    cls._meda_patched = True
 
 
 # ---- shared by both runners ----------------------------------------------------------------

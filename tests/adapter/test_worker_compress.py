@@ -87,3 +87,23 @@ def test_a_failing_plan_leaves_everything_as_it_was(monkeypatch):
     assert cut == [] and "r" not in state.results and "r" not in state.removed
     for n, c in caches.items():
         assert torch.equal(c, snapshot[n])
+
+
+def test_a_workspace_too_small_for_one_layer_skips_the_request(monkeypatch):
+    """kv_workspace_bytes below one layer's need: served uncompressed, skipped{workspace}."""
+    state, cfg, caches, _, row_ids = _state("meda", 0.25)
+    state.workspace_bytes = 1 << 12
+    snapshot = {n: c.clone() for n, c in caches.items()}
+    skips: list[str] = []
+    monkeypatch.setattr(worker.metrics, "on_skip", lambda reason, cfg=None: skips.append(reason))
+    cut: list[int] = []
+    state.compress_request("r", cfg.model_dump(), list(row_ids), cut.append)
+    assert skips == ["workspace"]
+    assert cut == [] and "r" not in state.results and "r" not in state.removed
+    for n, c in caches.items():
+        assert torch.equal(c, snapshot[n])
+    # the same request with room for it is compressed
+    state, cfg, caches, _, row_ids = _state("meda", 0.25)
+    state.workspace_bytes = 1 << 30
+    state.compress_request("r", cfg.model_dump(), list(row_ids), cut.append)
+    assert "r" in state.results and skips == ["workspace"]

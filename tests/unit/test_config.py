@@ -174,3 +174,33 @@ def test_budget_type_after_validation():
 def test_string_and_bool_inputs_from_cli():
     cfg = KVPolicyConfig.from_mapping({"meda_renormalize": "false", "window": "16"})
     assert cfg.kv_meda_renormalize is False and cfg.kv_window == 16
+
+
+@pytest.mark.parametrize("value", [1000, -1, (1 << 20) - 1, True, 2.5, "lots"])
+def test_workspace_bytes_one_line_error(value):
+    for build in (
+        lambda: KVPolicyConfig(kv_workspace_bytes=value),
+        lambda: KVPolicyConfig.from_mapping({"workspace_bytes": value}),
+    ):
+        with pytest.raises(ConfigError) as info:
+            build()
+        assert str(info.value) == (
+            f"kv_workspace_bytes must be 0 (auto) or an integer >= 1048576 (1 MiB) (got {value!r})"
+        )
+
+
+def test_workspace_bytes_values():
+    assert KVPolicyConfig().kv_workspace_bytes == 0  # auto
+    assert KVPolicyConfig(kv_workspace_bytes="1048576").kv_workspace_bytes == 1 << 20
+    assert KVPolicyConfig.from_mapping({"workspace-bytes": 2**30}).kv_workspace_bytes == 2**30
+
+
+def test_workspace_bytes_is_server_only():
+    server = KVPolicyConfig(kv_policy="meda", kv_workspace_bytes=2**30)
+    with pytest.raises(ConfigError) as info:
+        server.merged({"kv_workspace_bytes": 2**31})
+    assert str(info.value) == (
+        "kv_workspace_bytes is a server-wide setting (--kv-policy-config); a request cannot "
+        "override it (got 2147483648)"
+    )
+    assert server.merged({"kv_budget": 0.1}).kv_workspace_bytes == 2**30

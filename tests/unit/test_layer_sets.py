@@ -143,3 +143,80 @@ def test_layers_of_different_layouts_are_planned_one_by_one(monkeypatch):
     assert same.stacked is not None
     for a, b in zip(mixed.layers, same.layers, strict=True):
         assert torch.equal(a.kept, b.kept)
+
+
+# ---- a bounded workspace: layer chunks -------------------------------------------------------
+
+
+def _geometry(req, cfg, monkeypatch):
+    """The per-layer cost arguments plan_paged_request uses for this request."""
+    import meda_vllm.paged_view as pv
+
+    seen = []
+    real = pv.layer_cost
+    monkeypatch.setattr(pv, "layer_cost", lambda n, p, **kw: seen.append(kw) or real(n, p, **kw))
+    plan = _plan(req, cfg, 4, fast=True, workspace=1 << 40)
+    monkeypatch.setattr(pv, "layer_cost", real)
+    geometry = dict(seen[0])
+    geometry.pop("merged_retained")
+    return plan, geometry
+
+
+def _workspace_for(req, plan, geometry, chunk):
+    """Bytes that fit exactly ``chunk`` layers at this plan's physical length."""
+    from meda_vllm.workspace import layer_cost
+
+    cost = layer_cost(req.n, plan.kept_tokens, **geometry)
+    return cost.chunk_bytes(len(req.caches), chunk)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_chunked_plan_is_the_unchunked_plan(policy, monkeypatch):
+    """A workspace for 1, 2 or 3 of the 4 layers: chunks of that many layers, the same
+    budgets, kept positions and merged entries, and the same caches after compaction."""
+    monkeypatch.setenv("MEDA_KERNELS", "torch")
+    extra = {"kv_merge": "weighted"} if policy == "meda" else {}
+    cfg = KVPolicyConfig.from_mapping(
+        {"kv_policy": policy, "kv_budget": 0.3, "kv_window": 16, **extra}
+    )
+    req = _request("nhd")
+    whole, geometry = _geometry(req, cfg, monkeypatch)
+    assert whole.chunks is None and whole.stacked is not None  # everything fits: one set
+    sizes = {}
+    for chunk in (1, 2, 3):
+        req = _request("nhd")
+        ws = _workspace_for(req, whole, geometry, chunk)
+        plan = _plan(req, cfg, 4, fast=True, workspace=ws)
+        assert plan.chunks is not None and plan.stacked is None
+        sizes[chunk] = [hi - lo for lo, hi, _ in plan.chunks]
+        assert plan.layer_budgets == whole.layer_budgets
+        assert plan.fallback == whole.fallback and plan.entropy == whole.entropy
+        for a, b in zip(whole.layers, plan.layers, strict=True):
+            assert a.budget == b.budget
+            assert torch.equal(a.kept, b.kept)
+        for lo, hi, part in plan.chunks:
+            keys, values = part.merged()
+            assert (keys is None) == (whole.stacked.keys is None)
+            if keys is not None:
+                h = whole.stacked.kept.shape[0] // 4
+                torch.testing.assert_close(keys, whole.stacked.keys[lo * h : hi * h])
+                torch.testing.assert_close(values, whole.stacked.values[lo * h : hi * h])
+        twin = _request("nhd")
+        apply_plan(req.caches, req.layouts, req.row, plan)
+        apply_plan(twin.caches, twin.layouts, twin.row, whole)
+        for x, y in zip(req.caches, twin.caches, strict=True):
+            torch.testing.assert_close(x, y, rtol=0, atol=0)
+    # a smaller workspace: more, smaller chunks
+    assert sizes == {1: [1, 1, 1, 1], 2: [2, 2], 3: [3, 1]}
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_workspace_too_small_for_one_layer(fast, monkeypatch):
+    from meda_vllm.workspace import WorkspaceTooSmall
+
+    monkeypatch.setenv("MEDA_KERNELS", "torch")
+    cfg = KVPolicyConfig.from_mapping({"kv_policy": "meda", "kv_budget": 0.3, "kv_window": 16})
+    req = _request("nhd")
+    with pytest.raises(WorkspaceTooSmall, match="kv_workspace_bytes is 4096"):
+        _plan(req, cfg, 4, fast=fast, workspace=4096)
+    assert _plan(req, cfg, 4, fast=fast, workspace=1 << 30) is not None

@@ -112,6 +112,7 @@ def test_hooks_record_a_compression_and_the_memory(tmp_path, monkeypatch):
     )
     metrics.on_compressed(vllm_config, stats, "meda")
     metrics.on_skip("disabled_by_request")
+    metrics.on_workspace(vllm_config, 3 << 20)
     metrics.recorder().flush()
     got = exposition(tmp_path)
     lab = (("engine", "0"), ("model_name", "tiny"))
@@ -120,6 +121,8 @@ def test_hooks_record_a_compression_and_the_memory(tmp_path, monkeypatch):
     assert got[("meda:kv_blocks_saved", lab)] == 8
     assert got[("meda:kv_cache_saved_perc", lab)] == pytest.approx(0.08)
     assert got[("meda:kv_cache_blocks", lab)] == 100
+    assert got[("meda:workspace_bytes", lab)] == 3 << 20
+    assert got[("meda:requests_skipped_total", (*lab, ("reason", "workspace")))] == 0
     assert got[("meda:kv_tokens_before_total", lab)] == 100
     assert got[("meda:kv_tokens_after_total", lab)] == 20
     assert got[("meda:requests_compressed_total", (*lab, ("policy", "meda")))] == 1
