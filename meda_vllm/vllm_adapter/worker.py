@@ -508,13 +508,23 @@ def check_kernel_block_sizes(runner: Any, kernel_block_sizes: list[int] | None) 
             raise UnsupportedLayoutError(message)
 
 
-def _wrap_initialize_kv_cache(cls: Any, attr: str) -> None:
-    """Check the kernel block sizes the runner just chose (stored on ``runner.<attr>``)."""
+def _wrap_initialize_kv_cache(
+    cls: Any, attr: str, on_ready: Callable[[Any, WorkerCompression], None] | None = None
+) -> None:
+    """Check the kernel block sizes the runner just chose (stored on ``runner.<attr>``),
+    then set compression up (layers, page layouts, attention hooks, workspace) while the
+    engine starts, so a failure there stops the start instead of the first request."""
     orig = cls.initialize_kv_cache
 
     def initialize_kv_cache(self, *args, **kwargs):
         result = orig(self, *args, **kwargs)
         check_kernel_block_sizes(self, getattr(self, attr, None))
+        profiling = kwargs.get("is_profiling", args[1] if len(args) > 1 else False)
+        state = _state(self)
+        if state is not None and not state.ready and not profiling:
+            state.setup()
+            if on_ready is not None:
+                on_ready(self, state)
         return result
 
     cls.initialize_kv_cache = initialize_kv_cache
@@ -678,7 +688,7 @@ def patch_v2_runner() -> None:
     GPUModelRunner.prepare_attn = prepare_attn
     GPUModelRunner.execute_model = execute_model
     _wrap_sample_tokens(GPUModelRunner)
-    _wrap_initialize_kv_cache(GPUModelRunner, "kernel_block_sizes")
+    _wrap_initialize_kv_cache(GPUModelRunner, "kernel_block_sizes", _wrap_model_state)
     GPUModelRunner._meda_patched = True
 
 

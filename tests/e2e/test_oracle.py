@@ -55,6 +55,15 @@ def stock_server(sharp_model_dir, tmp_path_factory):
         yield srv
 
 
+def test_compression_is_set_up_when_the_engine_starts(comp_server):
+    """Layers, page layouts, attention hooks and the workspace are set up while the engine
+    starts (a failure there stops the start), not on the first request."""
+    log = comp_server.tail(100_000)
+    assert "meda-vllm: worker ready" in log
+    assert "compression workspace" in log
+    assert "POST /v1/chat/completions" not in log
+
+
 @pytest.mark.parametrize("policy", check.EVICTING)
 def test_compressed_requests_decode_like_the_oracle(comp_server, oracle, dump_dir, policy):
     """Text-only, multi-image and video requests at a 0.2 ratio and at 40 tokens: the kept
