@@ -2,10 +2,9 @@
 
 The paged cache holds only keys and values; scoring needs query rows (the
 observation window, MEDA's sampled visual rows), which exist only inside the
-attention call. ``wrap_attention_layers`` wraps ``layer.impl.forward`` of every
-decoder attention layer of the model (instance attributes: one mechanism for
-every backend, CPU_ATTN, TRITON_ATTN, FLASH_ATTN, ...). The runner hook sets the
-step's ``CaptureStep`` before the forward; layers copy the rows it asks for.
+attention call. ``patches/attention.py`` wraps ``layer.impl.forward`` of every
+decoder attention layer of the model. The runner hook sets the step's
+``CaptureStep`` before the forward; layers copy the rows it asks for.
 The buffer is bounded: rows x heads x head_size per layer and request, freed
 when the request is compressed, finishes or is preempted.
 """
@@ -15,8 +14,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-
-from meda_vllm.vllm_adapter.log import logger
 
 
 @dataclass
@@ -74,39 +71,3 @@ def set_step(step: CaptureStep | None) -> None:
 
 def current_step() -> CaptureStep | None:
     return _CURRENT[0]
-
-
-def wrap_attention_layers(layers: dict[str, object], layer_index: dict[str, int]) -> int:
-    """Wrap ``impl.forward`` of the given attention layers; returns how many were wrapped."""
-    wrapped = 0
-    for name, layer in layers.items():
-        impl = getattr(layer, "impl", None)
-        if impl is None or getattr(impl, "_meda_wrapped", False):
-            continue
-        index = layer_index[name]
-        head_size = layer.head_size
-        orig_forward = impl.forward
-
-        def forward(
-            layer_,
-            query,
-            key,
-            value,
-            kv_cache,
-            attn_metadata,
-            *args,
-            _o=orig_forward,
-            _i=index,
-            _h=head_size,
-            **kwargs,
-        ):
-            step = _CURRENT[0]
-            if step is not None and attn_metadata is not None:
-                step.take(_i, query, _h)
-            return _o(layer_, query, key, value, kv_cache, attn_metadata, *args, **kwargs)
-
-        impl.forward = forward
-        impl._meda_wrapped = True
-        wrapped += 1
-    logger.debug("meda-vllm: capturing query rows in %d attention layers", wrapped)
-    return wrapped

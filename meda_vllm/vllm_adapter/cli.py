@@ -16,7 +16,7 @@ from meda_vllm.config import POLICY_NAMES, ConfigError, KVPolicyConfig
 from meda_vllm.vllm_adapter import settings
 from meda_vllm.vllm_adapter.log import logger
 
-_FLAG_DESTS = ("kv_policy", "kv_budget", "kv_window", "kv_policy_config")
+FLAG_DESTS = ("kv_policy", "kv_budget", "kv_window", "kv_policy_config")
 
 
 def _budget(text: str) -> float:
@@ -341,79 +341,14 @@ def startup_error(message: str) -> SystemExit:
     return SystemExit(f"vllm: error: {message}")
 
 
-def patch_engine_args() -> None:
-    """Install the flag group and the startup validation on vLLM's EngineArgs."""
-    from vllm.engine.arg_utils import EngineArgs
-
-    if getattr(EngineArgs, "_meda_patched", False):
-        return
-    orig_add = EngineArgs.add_cli_args
-    orig_from = EngineArgs.from_cli_args.__func__
-    orig_create = EngineArgs.create_engine_config
-
-    def add_cli_args_(parser):
-        parser = orig_add(parser)
-        add_cli_args(parser)
-        return parser
-
-    def from_cli_args_(cls, args):
-        engine_args = orig_from(cls, args)
-        engine_args._meda_cli = True  # `vllm serve`: later refusals exit with one line too
-        if any(getattr(args, d, None) is not None for d in _FLAG_DESTS):
-            engine_args.additional_config = fold_cli_args(args, engine_args.additional_config)
-        try:
-            resolve_engine_settings(engine_args)
-        except ConfigError as e:
-            raise startup_error(str(e)) from None
-        return engine_args
-
-    def create_engine_config(self, *args, **kwargs):
-        try:
-            resolve_engine_settings(self)
-            vllm_config = orig_create(self, *args, **kwargs)
-            # The model's config is read now; its weights load later, in the EngineCore.
-            check_engine_config(vllm_config)
-        except ConfigError as e:
-            if getattr(self, "_meda_cli", False):
-                raise startup_error(str(e)) from None
-            raise
-        return vllm_config
-
-    EngineArgs.add_cli_args = staticmethod(add_cli_args_)
-    EngineArgs.from_cli_args = classmethod(from_cli_args_)
-    EngineArgs.create_engine_config = create_engine_config
-    EngineArgs._meda_patched = True
-
-
-def patch_request_validation() -> None:
-    """Reject bad per-request kv_* values while the request is built (HTTP 400)."""
-    from vllm.exceptions import VLLMValidationError
-    from vllm.sampling_params import SamplingParams
-
-    if getattr(SamplingParams, "_meda_patched", False):
-        return
-    orig = SamplingParams._verify_extra_args
-
-    def _verify_extra_args(self):
-        orig(self)
-        server = _SERVER_CONFIG.get("cfg")
-        if server is None:
-            return
-        try:
-            settings.validate_request_overrides(server, self.extra_args)
-        except ConfigError as e:
-            param = str(e).split(" ", 1)[0]
-            raise VLLMValidationError(
-                str(e), parameter=param if param.startswith("kv_") else "vllm_xargs"
-            ) from None
-
-    SamplingParams._verify_extra_args = _verify_extra_args
-    SamplingParams._meda_patched = True
-
-
 #: The server settings as seen by this process (set when the engine config is built).
 _SERVER_CONFIG: dict[str, KVPolicyConfig] = {}
 
 
 def remember_server_config(cfg: KVPolicyConfig) -> None:
     _SERVER_CONFIG["cfg"] = cfg
+
+
+def server_config_seen() -> KVPolicyConfig | None:
+    """The server settings this process resolved last (None before any EngineArgs)."""
+    return _SERVER_CONFIG.get("cfg")

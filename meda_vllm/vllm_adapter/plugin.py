@@ -2,18 +2,31 @@
 
 vLLM calls ``register()`` in every process it starts (API server, EngineCore,
 workers, short-lived helpers). It checks the vLLM version once and installs
-the patches listed in PATCHES.md, idempotently. Patches of modules that a
-process has not imported yet are applied when the module is first imported,
-so a process pays only for what it uses.
+the patches of ``patches.PATCHES`` (one module per vLLM target; PATCHES.md),
+idempotently. Patches of modules that a process has not imported yet are
+applied when the module is first imported, so a process pays only for what it
+uses.
 """
 
 from __future__ import annotations
 
-import importlib
 import importlib.abc
 import importlib.util
 import sys
 from collections.abc import Callable
+from types import ModuleType
+
+from meda_vllm.vllm_adapter.patches import (
+    attention,
+    engine_args,
+    kv_cache_manager,
+    metrics_route,
+    sampling_params,
+    scheduler,
+    v1_runner,
+    v2_runner,
+    workers,
+)
 
 _REGISTERED = False
 _HOOKS: dict[str, list[Callable[[], None]]] = {}
@@ -68,27 +81,22 @@ def register() -> None:
     from meda_vllm.vllm_adapter.metrics import init_process
 
     init_process()
-    for target, patch in PATCHES:
-        on_import(target, _lazy(patch))
+    for target, apply in PATCHES:
+        on_import(target, apply)
 
 
-#: (module whose import triggers the patch, "our_module:function") — see PATCHES.md.
-PATCHES = (
-    ("vllm.engine.arg_utils", "cli:patch_engine_args"),
-    ("vllm.sampling_params", "cli:patch_request_validation"),
-    ("vllm.v1.core.sched.scheduler", "scheduler:patch_scheduler"),
-    ("vllm.v1.worker.gpu_model_runner", "worker:patch_v1_runner"),
-    ("vllm.entrypoints.serve.instrumentator.metrics", "metrics:patch_metrics_route"),
-    ("vllm.v1.worker.gpu.model_runner", "worker:patch_v2_runner"),
-    ("vllm.v1.worker.gpu_worker", "worker:patch_workers"),
-    ("vllm.v1.worker.cpu_worker", "worker:patch_cpu_worker"),
+#: (the vLLM module whose import triggers the patch, the function that applies it).
+PATCHES: tuple[tuple[str, Callable[[], None]], ...] = (
+    ("vllm.engine.arg_utils", engine_args.apply),
+    ("vllm.sampling_params", sampling_params.apply),
+    ("vllm.v1.core.sched.scheduler", scheduler.apply),
+    ("vllm.v1.core.kv_cache_manager", kv_cache_manager.apply),
+    ("vllm.v1.worker.gpu_model_runner", v1_runner.apply),
+    ("vllm.v1.worker.gpu.model_runner", v2_runner.apply),
+    ("vllm.v1.worker.gpu_worker", workers.apply_gpu_worker),
+    ("vllm.v1.worker.cpu_worker", workers.apply_cpu_worker),
+    ("vllm.entrypoints.serve.instrumentator.metrics", metrics_route.apply),
 )
 
-
-def _lazy(spec: str) -> Callable[[], None]:
-    module, func = spec.split(":")
-
-    def run() -> None:
-        getattr(importlib.import_module(f"meda_vllm.vllm_adapter.{module}"), func)()
-
-    return run
+#: Patches installed on instances while compression is set up, not on a module's import.
+AT_SETUP: tuple[ModuleType, ...] = (attention,)

@@ -12,34 +12,21 @@ Bookkeeping per compressed request ``rid``:
   that compressed (``update_from_output``), so ``vllm:kv_cache_usage_perc``
   and admission of waiting requests see the freed memory at once.
 
-The decision to compress travels to the workers on the ``SchedulerOutput``
-(attribute ``meda_compress``: ``{rid: settings dict}``); the kept length comes
-back on the ``ModelRunnerOutput`` (attribute ``meda_compressed``:
-``{rid: (N, P)}``; ``P = RECOMPUTE`` when compaction failed half way: the scheduler then
-preempts the request, which is recomputed uncompressed). Both are plain dataclasses
-pickled between processes.
+The decision and the kept lengths travel on vLLM's step messages (``protocol.py``);
+the vLLM methods that call into this module are wrapped in ``patches/scheduler.py`` and
+``patches/kv_cache_manager.py``.
 """
 
 from __future__ import annotations
 
-import inspect
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from meda_vllm.config import KVPolicyConfig
 from meda_vllm.vllm_adapter import metrics, settings
 from meda_vllm.vllm_adapter.log import logger
-
-ARM_ATTR = "meda_compress"
-RESULT_ATTR = "meda_compressed"
-#: the kept length a worker reports when a request's pages may be partly rewritten
-RECOMPUTE = -1
-
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+from meda_vllm.vllm_adapter.protocol import ARM_ATTR, RECOMPUTE, RESULT_ATTR, cdiv
 
 
 @dataclass
@@ -68,65 +55,13 @@ class SchedulerCompression:
     pending: set[str] = field(default_factory=set)
     # request ids whose compaction failed in the worker: preempted after this step's output
     recompute: set[str] = field(default_factory=set)
-    # cumulative counters (read by metrics and tests)
-    blocks_freed_total: int = 0
-    requests_compressed: int = 0
-    skipped: dict[str, int] = field(default_factory=dict)
 
     def removed(self, rid: str) -> int:
         rec = self.records.get(rid)
         return rec.removed if rec is not None else 0
 
     def note_skip(self, reason: str) -> None:
-        self.skipped[reason] = self.skipped.get(reason, 0) + 1
         metrics.on_skip(reason)
-
-
-def _translating(method: Callable, state: SchedulerCompression, names: tuple[str, ...]):
-    """Wrap a manager method so the named token counts become physical counts."""
-    sig = inspect.signature(method)
-
-    def wrapper(*args, **kwargs):
-        bound = sig.bind(*args, **kwargs)
-        removed = state.removed(bound.arguments.get("request_id"))
-        if removed:
-            for name in names:
-                if name in bound.arguments and bound.arguments[name]:
-                    bound.arguments[name] = max(0, bound.arguments[name] - removed)
-        return method(*bound.args, **bound.kwargs)
-
-    wrapper.__wrapped__ = method
-    return wrapper
-
-
-def _install_manager_overrides(state: SchedulerCompression) -> None:
-    mgr = state.manager
-    mgr.get_num_blocks_to_allocate = _translating(
-        mgr.get_num_blocks_to_allocate,
-        state,
-        (
-            "num_tokens",
-            "total_computed_tokens",
-            "num_local_computed_tokens",
-            "num_tokens_main_model",
-            "prefill_end",
-        ),
-    )
-    mgr.allocate_new_blocks = _translating(
-        mgr.allocate_new_blocks, state, ("num_tokens", "num_tokens_main_model")
-    )
-    mgr.remove_skipped_blocks = _translating(
-        mgr.remove_skipped_blocks, state, ("processed_computed_tokens",)
-    )
-    orig_cache_blocks = mgr.cache_blocks
-
-    def cache_blocks(request, *args, **kwargs):
-        # Compacted blocks must never be published under the original token hashes.
-        if request.request_id in state.records or request.request_id in state.pending:
-            return None
-        return orig_cache_blocks(request, *args, **kwargs)
-
-    mgr.cache_blocks = cache_blocks
 
 
 def attach(scheduler: Any) -> SchedulerCompression | None:
@@ -150,7 +85,6 @@ def attach(scheduler: Any) -> SchedulerCompression | None:
             f"cache spec is {type(mgr.kv_cache_spec).__name__}"
         )
     state = SchedulerCompression(server=server, manager=mgr, block_size=mgr.block_size)
-    _install_manager_overrides(state)
     metrics.on_scheduler_attached(scheduler, state)
     return state
 
@@ -207,8 +141,6 @@ def commit(scheduler: Any, state: SchedulerCompression, model_runner_output: Any
         if rid in mgr.num_cached_block:
             mgr.num_cached_block[rid] = min(mgr.num_cached_block[rid], keep_blocks)
         state.records[rid] = CompressionRecord(n_prompt, kept, before, keep_blocks)
-        state.blocks_freed_total += len(tail)
-        state.requests_compressed += 1
         metrics.on_blocks_freed(state, len(tail))
         logger.debug(
             "meda-vllm: %s compressed %d -> %d tokens, freed %d blocks",
@@ -241,50 +173,3 @@ def forget(state: SchedulerCompression, rid: str) -> None:
     if state.records.pop(rid, None) is not None:
         metrics.on_records_changed(state)
     state.pending.discard(rid)
-
-
-def patch_scheduler() -> None:
-    """Wrap Scheduler.__init__/schedule/update_from_output and KVCacheManager.free."""
-    from vllm.v1.core.kv_cache_manager import KVCacheManager
-    from vllm.v1.core.sched.scheduler import Scheduler
-
-    if getattr(Scheduler, "_meda_patched", False):
-        return
-    orig_init = Scheduler.__init__
-    orig_schedule = Scheduler.schedule
-    orig_update = Scheduler.update_from_output
-    orig_free = KVCacheManager.free
-
-    def __init__(self, *args, **kwargs):
-        orig_init(self, *args, **kwargs)
-        self._meda = attach(self)
-        if self._meda is not None:
-            self.kv_cache_manager._meda = self._meda
-
-    def schedule(self, *args, **kwargs):
-        out = orig_schedule(self, *args, **kwargs)
-        state = getattr(self, "_meda", None)
-        if state is not None:
-            arm(self, state, out)
-        return out
-
-    def update_from_output(self, scheduler_output, model_runner_output):
-        state = getattr(self, "_meda", None)
-        if state is not None:
-            commit(self, state, model_runner_output)
-        outputs = orig_update(self, scheduler_output, model_runner_output)
-        if state is not None and state.recompute:
-            recompute_failed(self, state)
-        return outputs
-
-    def free(self, request):
-        orig_free(self, request)
-        state = getattr(self, "_meda", None)
-        if state is not None:
-            forget(state, request.request_id)
-
-    Scheduler.__init__ = __init__
-    Scheduler.schedule = schedule
-    Scheduler.update_from_output = update_from_output
-    KVCacheManager.free = free
-    Scheduler._meda_patched = True

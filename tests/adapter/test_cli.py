@@ -15,8 +15,9 @@ pytest.importorskip("vllm")
 from vllm.engine.arg_utils import EngineArgs  # noqa: E402
 
 from meda_vllm.config import ConfigError  # noqa: E402
-from meda_vllm.vllm_adapter import cli, worker  # noqa: E402
+from meda_vllm.vllm_adapter import cli, runner  # noqa: E402
 from meda_vllm.vllm_adapter.layouts import UnsupportedLayoutError  # noqa: E402
+from meda_vllm.vllm_adapter.patches import engine_args, v1_runner, v2_runner  # noqa: E402
 
 
 def _args(**kw) -> EngineArgs:
@@ -189,7 +190,7 @@ def test_full_attention_and_disabled_sliding_window_pass():
 def test_a_real_sliding_window_config_is_refused_before_weights_load(tiny_model_dir, tmp_path):
     """The tiny Qwen2-VL with sliding-window layers: create_engine_config reads only its
     config (no weights are touched) and the patched wrapper refuses it."""
-    cli.patch_engine_args()
+    engine_args.apply()
     sw = tmp_path / "tiny-sw"
     shutil.copytree(tiny_model_dir, sw)
     (sw / "model.safetensors").write_bytes(b"not weights")  # never read
@@ -224,31 +225,31 @@ def _runner(manager_block_size: int, policy: str = "meda"):
 
 def test_kernel_block_splitting_is_refused_by_the_worker():
     with pytest.raises(UnsupportedLayoutError) as exc:
-        worker.check_kernel_block_sizes(_runner(256), [64])
+        runner.check_kernel_block_sizes(_runner(256), [64])
     assert "--block-size 256 into kernel blocks of 64" in str(exc.value)
     assert "\n" not in str(exc.value)
-    worker.check_kernel_block_sizes(_runner(32), [32])
-    worker.check_kernel_block_sizes(_runner(256, policy="none"), [64])
+    runner.check_kernel_block_sizes(_runner(32), [32])
+    runner.check_kernel_block_sizes(_runner(256, policy="none"), [64])
 
 
 def test_both_runners_check_the_kernel_block_sizes_they_choose():
     from vllm.v1.worker.gpu.model_runner import GPUModelRunner as V2
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner as V1
 
-    worker.patch_v1_runner()
-    worker.patch_v2_runner()
+    v1_runner.apply()
+    v2_runner.apply()
     for cls in (V1, V2):
-        assert "_wrap_initialize_kv_cache" in cls.initialize_kv_cache.__qualname__
+        assert "wrap_initialize_kv_cache" in cls.initialize_kv_cache.__qualname__
 
     class Runner:  # stands for a runner whose initialize_kv_cache picked kernel blocks
         def initialize_kv_cache(self, kv_cache_config):
             self.kernel_block_sizes = [32]
 
-    worker._wrap_initialize_kv_cache(Runner, "kernel_block_sizes")
-    runner = Runner()
-    runner.__dict__.update(vars(_runner(128)))
+    runner.wrap_initialize_kv_cache(Runner, "kernel_block_sizes")
+    fake = Runner()
+    fake.__dict__.update(vars(_runner(128)))
     with pytest.raises(UnsupportedLayoutError):
-        runner.initialize_kv_cache(runner.kv_cache_config)
+        fake.initialize_kv_cache(fake.kv_cache_config)
 
 
 # ---- the attention backend (issue 13, item 7) ---------------------------------------

@@ -45,8 +45,8 @@ from vllm.v1.worker.gpu.model_runner import GPUModelRunner  # noqa: E402
 from vllm.v1.worker.gpu.states import RequestState  # noqa: E402
 
 from meda_vllm.config import KVPolicyConfig  # noqa: E402
-from meda_vllm.vllm_adapter import worker  # noqa: E402
-from meda_vllm.vllm_adapter.scheduler import ARM_ATTR  # noqa: E402
+from meda_vllm.vllm_adapter.patches import v1_runner, v2_runner  # noqa: E402
+from meda_vllm.vllm_adapter.protocol import ARM_ATTR  # noqa: E402
 from meda_vllm.vllm_adapter.worker import WorkerCompression  # noqa: E402
 
 BS = 16
@@ -128,7 +128,7 @@ def v2(monkeypatch):
         monkeypatch.setattr(GPUModelRunner, name, GPUModelRunner.__dict__[name])
     monkeypatch.setattr(GPUModelRunner, "sample_tokens", GPUModelRunner.__dict__["sample_tokens"])
     monkeypatch.setattr(GPUModelRunner, "_meda_patched", False, raising=False)
-    worker.patch_v2_runner()
+    v2_runner.apply()
 
     cpu = torch.device("cpu")
     runner = GPUModelRunner.__new__(GPUModelRunner)
@@ -307,7 +307,7 @@ def v1(monkeypatch):
         monkeypatch.setattr(V1Runner, name, V1Runner.__dict__[name])
     monkeypatch.setattr(V1Runner, "_update_states", lambda self, so: None)
     monkeypatch.setattr(V1Runner, "_meda_patched", False, raising=False)
-    worker.patch_v1_runner()
+    v1_runner.apply()
     runner = V1Runner.__new__(V1Runner)
     state = WorkerCompression(runner=runner, server=KVPolicyConfig.from_mapping(SERVER))
     runner._meda = state

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from meda_vllm.vllm_adapter import metrics, worker
+from meda_vllm.vllm_adapter import memory, metrics, settings
 from meda_vllm.workspace import auto_workspace_bytes
 
 
@@ -45,7 +45,7 @@ def test_explicit_workspace_is_taken_out_of_the_kv_budget(monkeypatch):
     seen = []
     monkeypatch.setattr(metrics, "on_workspace", lambda cfg, b: seen.append(b))
     w = _worker({"kv_policy": "meda", "kv_workspace_bytes": 1 << 30})
-    assert worker.reserve_workspace(w, 10 << 30) == 9 << 30
+    assert memory.reserve_workspace(w, 10 << 30) == 9 << 30
     assert w.available_kv_cache_memory_bytes == 9 << 30
     assert seen == [1 << 30]
 
@@ -53,20 +53,20 @@ def test_explicit_workspace_is_taken_out_of_the_kv_budget(monkeypatch):
 def test_auto_workspace_is_one_layer_at_max_model_len(monkeypatch):
     monkeypatch.setattr(metrics, "on_workspace", lambda cfg, b: None)
     w = _worker({"kv_policy": "snapkv"})
-    got = worker.resolve_workspace(w.vllm_config, worker.settings.server_config(w.vllm_config))
+    got = memory.resolve_workspace(w.vllm_config, settings.server_config(w.vllm_config))
     want = auto_workspace_bytes(
         4096, heads=32, kv_heads=8, head_size=128, dtype=torch.float16,
         max_query_rows=1024, num_layers=32, fast=False,
     )  # fmt: skip
     assert got == want
-    assert worker.reserve_workspace(w, 10 << 30) == (10 << 30) - want
+    assert memory.reserve_workspace(w, 10 << 30) == (10 << 30) - want
 
 
 def test_workspace_on_top_of_explicit_kv_cache_bytes(monkeypatch):
     seen = []
     monkeypatch.setattr(metrics, "on_workspace", lambda cfg, b: seen.append(b))
     w = _worker({"kv_policy": "meda", "kv_workspace_bytes": 1 << 30}, kv_bytes=64 << 20)
-    assert worker.reserve_workspace(w, 64 << 20) == 64 << 20
+    assert memory.reserve_workspace(w, 64 << 20) == 64 << 20
     assert seen == [1 << 30]
 
 
@@ -74,7 +74,7 @@ def test_no_policy_reserves_nothing(monkeypatch):
     seen = []
     monkeypatch.setattr(metrics, "on_workspace", lambda cfg, b: seen.append(b))
     w = _worker({})
-    assert worker.reserve_workspace(w, 10 << 30) == 10 << 30
+    assert memory.reserve_workspace(w, 10 << 30) == 10 << 30
     assert seen == []
 
 
@@ -82,7 +82,7 @@ def test_workspace_larger_than_the_kv_budget_stops_startup(monkeypatch):
     monkeypatch.setattr(metrics, "on_workspace", lambda cfg, b: None)
     w = _worker({"kv_policy": "meda", "kv_workspace_bytes": 2 << 30})
     with pytest.raises(ValueError, match="does not fit the 1073741824 bytes"):
-        worker.reserve_workspace(w, 1 << 30)
+        memory.reserve_workspace(w, 1 << 30)
 
 
 def test_both_workers_are_patched():

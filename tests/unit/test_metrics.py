@@ -89,7 +89,7 @@ def test_background_flush_writes_after_a_change(tmp_path):
 
 def test_hooks_record_a_compression_and_the_memory(tmp_path, monkeypatch):
     monkeypatch.setenv(metrics.ENV_DIR, str(tmp_path))
-    monkeypatch.setattr(metrics, "_RECORDER", None)
+    monkeypatch.setattr(metrics.recording, "_RECORDER", None)
     vllm_config = SimpleNamespace(
         model_config=SimpleNamespace(served_model_name="tiny"),
         parallel_config=SimpleNamespace(data_parallel_rank=0),
@@ -143,7 +143,7 @@ def test_hooks_record_a_compression_and_the_memory(tmp_path, monkeypatch):
 
 
 def test_hooks_never_raise(monkeypatch):
-    monkeypatch.setattr(metrics, "_FAILED", ["already reported"])
+    monkeypatch.setattr(metrics.hooks, "_FAILED", ["already reported"])
     metrics.on_scheduler_attached(object(), object())  # logs once, does not raise
 
 

@@ -1,0 +1,41 @@
+"""``vllm.sampling_params.SamplingParams._verify_extra_args``.
+
+Why: per-request overrides (``vllm_xargs``: ``kv_budget``, ``kv_policy``, ...) must be
+refused with HTTP 400 and one line while the request is built, never crash the engine.
+
+How: after the original, validates the overrides against the server's settings
+(``settings.validate_request_overrides``) and raises ``VLLMValidationError`` (-> 400)
+naming the setting.
+
+Remove when: vLLM validates ``extra_args`` through a plugin hook.
+"""
+
+from __future__ import annotations
+
+
+def apply() -> None:
+    from vllm.exceptions import VLLMValidationError
+    from vllm.sampling_params import SamplingParams
+
+    from meda_vllm.config import ConfigError
+    from meda_vllm.vllm_adapter import cli, settings
+
+    if getattr(SamplingParams, "_meda_patched", False):
+        return
+    orig = SamplingParams._verify_extra_args
+
+    def _verify_extra_args(self):
+        orig(self)
+        server = cli.server_config_seen()
+        if server is None:
+            return
+        try:
+            settings.validate_request_overrides(server, self.extra_args)
+        except ConfigError as e:
+            param = str(e).split(" ", 1)[0]
+            raise VLLMValidationError(
+                str(e), parameter=param if param.startswith("kv_") else "vllm_xargs"
+            ) from None
+
+    SamplingParams._verify_extra_args = _verify_extra_args
+    SamplingParams._meda_patched = True

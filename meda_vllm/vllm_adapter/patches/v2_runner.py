@@ -1,0 +1,187 @@
+"""``vllm.v1.worker.gpu.model_runner.GPUModelRunner`` (Model Runner V2: the GPU default,
+also vLLM's CPU V2 runner): ``add_requests``, ``finish_requests``, ``prepare_attn``,
+``execute_model``, ``sample_tokens``, ``initialize_kv_cache``; and, per runner, its
+``model_state.prepare_attn``.
+
+Why: as for V1 (``patches/v1_runner.py``): physical slot mappings and ``seq_lens`` for
+compressed requests, logical RoPE positions, query rows captured during the prefill,
+compression after the forward of the last prefill chunk. V2 keeps no per-request Python
+state to read later, and its block tables live in device buffers written through staged
+writes.
+
+How:
+- ``add_requests``, before the original: note each new request (``WorkerCompression.
+  register``); V2 sends a request resumed after preemption as a new one: it gets no
+  query-row capture buffer (it is never compressed).
+- ``finish_requests``, before the original: forget finished (aborted too) and preempted
+  requests, capture buffers included; remember the preempted ones until they finish.
+- ``prepare_attn``: for a batch with a compressed request, gathers the block tables and
+  computes the slot mappings itself from ``positions - removed``; tells the attention
+  wrappers which rows to keep.
+- ``model_state.prepare_attn`` (instance attribute, installed at setup): attention sees
+  physical ``seq_lens`` (``dataclasses.replace(input_batch, seq_lens=...,
+  seq_lens_cpu_upper_bound=...)``) while the runner's ``InputBatch`` keeps the logical
+  ones the sampler reads.
+- ``execute_model``: marks real (non-dummy) steps; after the forward compresses the armed
+  requests and cuts each one's block-table row by its length only
+  (``BlockTables.num_blocks.np[0, idx] = K``, the host copy that the next
+  ``apply_staged_writes`` publishes), never a staged write: the next step frees and
+  reuses rows before applying staged writes, and a GPU applies them in no order
+  (docs/INTEGRATION.md, "V2 block-table row").
+- ``sample_tokens``: reports ``{rid: (N, kept)}`` on the ``model_runner_output`` of the
+  ``AsyncOutput`` V2 returns.
+- ``initialize_kv_cache``, after the original: as V1 (``kernel_block_sizes``), and wraps
+  ``model_state.prepare_attn``.
+
+Remove when: vLLM supports shrinking a request's KV natively.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+
+def _offsets(state: Any, input_batch: Any) -> Any:
+    """Removed tokens per batch row (a host tensor), or None when no row is compressed."""
+    import torch
+
+    if not state.removed:
+        return None
+    off = [state.removed.get(rid, 0) for rid in input_batch.req_ids[: input_batch.num_reqs]]
+    if not any(off):
+        return None
+    return torch.tensor(off, dtype=torch.int64)
+
+
+def _compress(runner: Any, state: Any, rid: str, cfg: dict[str, Any]) -> None:
+    idx = runner.req_states.req_id_to_index.get(rid)
+    if idx is None:
+        return
+    tables = runner.block_tables
+    num_blocks = int(tables.num_blocks.np[0, idx])
+    row_ids = tables.block_tables[0].gpu[idx, :num_blocks].tolist()
+
+    def truncate(keep_blocks: int) -> None:
+        # Cut the row's length only; its first keep_blocks ids are already the kept ones.
+        # No staged write: the next step runs finish/add_requests before applying staged
+        # writes, so one for this row could meet the staged write of a new request that
+        # reuses the freed row, and a GPU applies staged writes in no order (silent
+        # cross-request KV corruption). num_blocks.np is the host source of truth; the
+        # next step's apply_staged_writes() copies it whole into the next UVA buffer of
+        # its round-robin pool (never the one an in-flight step reads), and a request
+        # added to this row then sets it again later, in program order.
+        tables.num_blocks.np[0, idx] = keep_blocks
+
+    state.compress_request(rid, cfg, row_ids, truncate)
+
+
+def _wrap_model_state(runner: Any) -> None:
+    """Physical seq_lens for the attention metadata: the runner's own InputBatch keeps
+    logical lengths, which the sampler and the draft logic read after the forward."""
+    model_state = runner.model_state
+    if getattr(model_state, "_meda_wrapped", False):
+        return
+    orig = model_state.prepare_attn
+
+    def prepare_attn(input_batch, *args, **kwargs):
+        off = getattr(runner, "_meda_offsets", None)
+        if off is not None:
+            n = off.numel()
+            seq_lens = input_batch.seq_lens.clone()
+            seq_lens[:n] -= off.to(seq_lens.device, seq_lens.dtype)
+            upper = input_batch.seq_lens_cpu_upper_bound.clone()
+            upper[:n] -= off.to(upper.dtype)
+            input_batch = dataclasses.replace(
+                input_batch, seq_lens=seq_lens, seq_lens_cpu_upper_bound=upper
+            )
+        return orig(input_batch, *args, **kwargs)
+
+    model_state.prepare_attn = prepare_attn
+    model_state._meda_wrapped = True
+
+
+def apply() -> None:
+    import numpy as np
+    import torch
+    from vllm.v1.worker.gpu.model_runner import GPUModelRunner
+
+    from meda_vllm.vllm_adapter import capture, runner
+
+    if getattr(GPUModelRunner, "_meda_patched", False):
+        return
+    orig_add = GPUModelRunner.add_requests
+    orig_finish = GPUModelRunner.finish_requests
+    orig_prepare_attn = GPUModelRunner.prepare_attn
+    orig_execute = GPUModelRunner.execute_model
+    orig_sample = GPUModelRunner.sample_tokens
+
+    def finish_requests(self, scheduler_output):
+        state = runner.state_of(self)
+        if state is not None:
+            runner.forget_gone(state, scheduler_output)
+        return orig_finish(self, scheduler_output)
+
+    def add_requests(self, scheduler_output):
+        state = runner.state_of(self)
+        if state is not None:
+            state.register(scheduler_output.scheduled_new_reqs)
+        return orig_add(self, scheduler_output)
+
+    def prepare_attn(self, input_batch):
+        state = runner.state_of(self)
+        if state is None or not getattr(self, "_meda_real_step", False):
+            return orig_prepare_attn(self, input_batch)
+        if not state.ready:  # fallback: initialize_kv_cache normally set it up
+            state.setup()
+            _wrap_model_state(self)
+        off = _offsets(state, input_batch)
+        n = input_batch.num_reqs
+        step = state.plan_capture(
+            list(input_batch.req_ids[:n]),
+            input_batch.query_start_loc_np[: n + 1],
+            self.req_states.num_computed_tokens_np[input_batch.idx_mapping_np[:n]],
+            np.diff(input_batch.query_start_loc_np[: n + 1]),
+        )
+        capture.set_step(step)
+        self._meda_offsets = off
+        if off is None:
+            return orig_prepare_attn(self, input_batch)
+        block_tables = self.block_tables.gather_block_tables(
+            input_batch.idx_mapping, num_reqs_padded=input_batch.num_reqs_after_padding
+        )
+        qsl = input_batch.query_start_loc_np[: n + 1]
+        per_token = torch.repeat_interleave(off, torch.from_numpy(np.diff(qsl)).long())
+        positions = input_batch.positions.clone()
+        positions[: per_token.numel()] -= per_token.to(positions.device, positions.dtype)
+        slot_mappings = self.block_tables.compute_slot_mappings(
+            input_batch.idx_mapping,
+            input_batch.query_start_loc,
+            positions,
+            num_tokens_padded=input_batch.num_tokens_after_padding,
+        )
+        return block_tables, slot_mappings
+
+    def execute_model(self, scheduler_output, *args, **kwargs):
+        dummy = kwargs.get("dummy_run", False) or (len(args) > 1 and args[1])
+        self._meda_real_step = not dummy
+        try:
+            out = orig_execute(self, scheduler_output, *args, **kwargs)
+        finally:
+            self._meda_real_step = False
+            self._meda_offsets = None
+            capture.set_step(None)
+        if dummy:
+            return out
+        return runner.after_forward(self, scheduler_output, out, _compress)
+
+    def sample_tokens(self, *args, **kwargs):
+        return runner.report_results(self, orig_sample(self, *args, **kwargs))
+
+    GPUModelRunner.finish_requests = finish_requests
+    GPUModelRunner.add_requests = add_requests
+    GPUModelRunner.prepare_attn = prepare_attn
+    GPUModelRunner.execute_model = execute_model
+    GPUModelRunner.sample_tokens = sample_tokens
+    runner.wrap_initialize_kv_cache(GPUModelRunner, "kernel_block_sizes", _wrap_model_state)
+    GPUModelRunner._meda_patched = True
