@@ -41,9 +41,6 @@ class RequestCapture:
             self.rows[layer] = buf
         return buf
 
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.rows.values())
-
 
 class CaptureStep:
     """The capture work of one forward step (set by the runner hook)."""
