@@ -19,6 +19,7 @@ from types import ModuleType
 from meda_vllm.vllm_adapter.patches import (
     attention,
     engine_args,
+    initialize_kv_cache,
     kv_cache_manager,
     metrics_route,
     sampling_params,
@@ -93,6 +94,8 @@ PATCHES: tuple[tuple[str, Callable[[], None]], ...] = (
     ("vllm.v1.core.kv_cache_manager", kv_cache_manager.apply),
     ("vllm.v1.worker.gpu_model_runner", v1_runner.apply),
     ("vllm.v1.worker.gpu.model_runner", v2_runner.apply),
+    ("vllm.v1.worker.gpu_model_runner", initialize_kv_cache.apply_v1),
+    ("vllm.v1.worker.gpu.model_runner", initialize_kv_cache.apply_v2),
     ("vllm.v1.worker.gpu_worker", workers.apply_gpu_worker),
     ("vllm.v1.worker.cpu_worker", workers.apply_cpu_worker),
     ("vllm.entrypoints.serve.instrumentator.metrics", metrics_route.apply),

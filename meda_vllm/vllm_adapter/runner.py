@@ -1,6 +1,7 @@
-"""What the two model-runner patches share (``patches/v1_runner.py``, ``patches/v2_runner.py``):
-the runner's compression state, forgetting requests, compressing the armed requests after
-a forward, reporting kept lengths, and setting compression up while the engine starts."""
+"""What the two model-runner patches share (``patches/v1_runner.py``, ``patches/v2_runner.py``,
+``patches/initialize_kv_cache.py``): the runner's compression state, forgetting requests,
+compressing the armed requests after a forward, reporting kept lengths, and the kernel
+block-size check."""
 
 from __future__ import annotations
 
@@ -99,26 +100,3 @@ def check_kernel_block_sizes(runner: Any, kernel_block_sizes: list[int] | None) 
             )
             logger.error(message)
             raise UnsupportedLayoutError(message)
-
-
-def wrap_initialize_kv_cache(
-    cls: Any, attr: str, on_ready: Callable[[Any], None] | None = None
-) -> None:
-    """Both runners' ``initialize_kv_cache``, after the original: check the kernel block
-    sizes the runner just chose (stored on ``runner.<attr>``), then set compression up
-    (layers, page layouts, attention hooks, workspace; then ``on_ready(runner)``) while
-    the engine starts, so a failure there stops the start instead of the first request."""
-    orig = cls.initialize_kv_cache
-
-    def initialize_kv_cache(self, *args, **kwargs):
-        result = orig(self, *args, **kwargs)
-        check_kernel_block_sizes(self, getattr(self, attr, None))
-        profiling = kwargs.get("is_profiling", args[1] if len(args) > 1 else False)
-        state = state_of(self)
-        if state is not None and not state.ready and not profiling:
-            state.setup()
-            if on_ready is not None:
-                on_ready(self)
-        return result
-
-    cls.initialize_kv_cache = initialize_kv_cache

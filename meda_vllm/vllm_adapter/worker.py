@@ -30,7 +30,6 @@ from meda_vllm.modality import modality_mask
 from meda_vllm.paged_view import apply_plan, plan_paged_request
 from meda_vllm.vllm_adapter import capture, memory, metrics, plan_dump, settings
 from meda_vllm.vllm_adapter.log import logger
-from meda_vllm.vllm_adapter.patches import attention
 from meda_vllm.vllm_adapter.protocol import RECOMPUTE, cdiv
 from meda_vllm.workspace import WorkspaceTooSmall
 
@@ -60,6 +59,7 @@ class WorkerCompression:
     runner: Any
     server: KVPolicyConfig
     layer_names: list[str] = field(default_factory=list)
+    attention_layers: dict[str, Any] = field(default_factory=dict)  # by name, in layer order
     layouts: list[PagedKVLayout] = field(default_factory=list)
     block_size: int = 0
     ready: bool = False
@@ -93,7 +93,7 @@ class WorkerCompression:
 
         self.layouts = [layout_for(layers[n], layers[n].kv_cache) for n in self.layer_names]
         self.block_size = self.layouts[0].block_size
-        attention.wrap_attention_layers(layers, index)
+        self.attention_layers = {n: layers[n] for n in self.layer_names}
         self.workspace_bytes = memory.resolve_workspace(self.runner.vllm_config, self.server)
         metrics.on_workspace(self.runner.vllm_config, self.workspace_bytes)
         self.ready = True

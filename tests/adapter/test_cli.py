@@ -17,7 +17,7 @@ from vllm.engine.arg_utils import EngineArgs  # noqa: E402
 from meda_vllm.config import ConfigError  # noqa: E402
 from meda_vllm.vllm_adapter import cli, runner  # noqa: E402
 from meda_vllm.vllm_adapter.layouts import UnsupportedLayoutError  # noqa: E402
-from meda_vllm.vllm_adapter.patches import engine_args, v1_runner, v2_runner  # noqa: E402
+from meda_vllm.vllm_adapter.patches import engine_args, initialize_kv_cache  # noqa: E402
 
 
 def _args(**kw) -> EngineArgs:
@@ -236,8 +236,8 @@ def test_both_runners_check_the_kernel_block_sizes_they_choose():
     from vllm.v1.worker.gpu.model_runner import GPUModelRunner as V2
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner as V1
 
-    v1_runner.apply()
-    v2_runner.apply()
+    initialize_kv_cache.apply_v1()
+    initialize_kv_cache.apply_v2()
     for cls in (V1, V2):
         assert "wrap_initialize_kv_cache" in cls.initialize_kv_cache.__qualname__
 
@@ -245,7 +245,7 @@ def test_both_runners_check_the_kernel_block_sizes_they_choose():
         def initialize_kv_cache(self, kv_cache_config):
             self.kernel_block_sizes = [32]
 
-    runner.wrap_initialize_kv_cache(Runner, "kernel_block_sizes")
+    initialize_kv_cache.wrap_initialize_kv_cache(Runner, "kernel_block_sizes")
     fake = Runner()
     fake.__dict__.update(vars(_runner(128)))
     with pytest.raises(UnsupportedLayoutError):

@@ -1,6 +1,6 @@
 """``vllm.v1.worker.gpu_model_runner.GPUModelRunner`` (Model Runner V1; the CPU runner
 subclasses it): ``_update_states``, ``_prepare_inputs``, ``execute_model``,
-``sample_tokens``, ``initialize_kv_cache``.
+``sample_tokens`` (its ``initialize_kv_cache``: ``patches/initialize_kv_cache.py``).
 
 Why: a compressed request holds its kept tokens in its leading slots, so from the step
 after compression its slot mapping and ``seq_lens`` must be physical while RoPE positions
@@ -19,9 +19,6 @@ How:
   (``WorkerCompression.compress_request``) and truncate their block-table rows.
 - ``sample_tokens``, after the original: report ``{rid: (N, kept)}`` on the
   ``ModelRunnerOutput`` (``runner.report_results``).
-- ``initialize_kv_cache``, after the original: refuse virtual kernel-block splitting
-  (``_kernel_block_sizes`` differing from the manager's block size) with one line, and set
-  compression up while the engine starts (``runner.wrap_initialize_kv_cache``).
 
 Remove when: vLLM supports shrinking a request's KV natively.
 """
@@ -70,6 +67,7 @@ def apply() -> None:
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     from meda_vllm.vllm_adapter import capture, runner
+    from meda_vllm.vllm_adapter.patches.initialize_kv_cache import set_up
 
     if getattr(GPUModelRunner, "_meda_patched", False):
         return
@@ -91,7 +89,7 @@ def apply() -> None:
         if state is None:
             return result
         if not state.ready:  # fallback: initialize_kv_cache normally set it up
-            state.setup()
+            set_up(self, state)
         num_reqs = self.input_batch.num_reqs
         _apply_physical(self, state, num_reqs, scheduler_output.total_num_scheduled_tokens)
         step = state.plan_capture(
@@ -117,5 +115,4 @@ def apply() -> None:
     GPUModelRunner._prepare_inputs = _prepare_inputs
     GPUModelRunner.execute_model = execute_model
     GPUModelRunner.sample_tokens = sample_tokens
-    runner.wrap_initialize_kv_cache(GPUModelRunner, "_kernel_block_sizes")
     GPUModelRunner._meda_patched = True

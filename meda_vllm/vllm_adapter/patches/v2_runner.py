@@ -1,7 +1,7 @@
 """``vllm.v1.worker.gpu.model_runner.GPUModelRunner`` (Model Runner V2: the GPU default,
 also vLLM's CPU V2 runner): ``add_requests``, ``finish_requests``, ``prepare_attn``,
-``execute_model``, ``sample_tokens``, ``initialize_kv_cache``; and, per runner, its
-``model_state.prepare_attn``.
+``execute_model``, ``sample_tokens``; and, per runner, its ``model_state.prepare_attn``
+(its ``initialize_kv_cache``: ``patches/initialize_kv_cache.py``).
 
 Why: as for V1 (``patches/v1_runner.py``): physical slot mappings and ``seq_lens`` for
 compressed requests, logical RoPE positions, query rows captured during the prefill,
@@ -30,8 +30,6 @@ How:
   (docs/INTEGRATION.md, "V2 block-table row").
 - ``sample_tokens``: reports ``{rid: (N, kept)}`` on the ``model_runner_output`` of the
   ``AsyncOutput`` V2 returns.
-- ``initialize_kv_cache``, after the original: as V1 (``kernel_block_sizes``), and wraps
-  ``model_state.prepare_attn``.
 
 Remove when: vLLM supports shrinking a request's KV natively.
 """
@@ -76,7 +74,7 @@ def _compress(runner: Any, state: Any, rid: str, cfg: dict[str, Any]) -> None:
     state.compress_request(rid, cfg, row_ids, truncate)
 
 
-def _wrap_model_state(runner: Any) -> None:
+def wrap_model_state(runner: Any) -> None:
     """Physical seq_lens for the attention metadata: the runner's own InputBatch keeps
     logical lengths, which the sampler and the draft logic read after the forward."""
     model_state = runner.model_state
@@ -107,6 +105,7 @@ def apply() -> None:
     from vllm.v1.worker.gpu.model_runner import GPUModelRunner
 
     from meda_vllm.vllm_adapter import capture, runner
+    from meda_vllm.vllm_adapter.patches.initialize_kv_cache import set_up
 
     if getattr(GPUModelRunner, "_meda_patched", False):
         return
@@ -133,8 +132,8 @@ def apply() -> None:
         if state is None or not getattr(self, "_meda_real_step", False):
             return orig_prepare_attn(self, input_batch)
         if not state.ready:  # fallback: initialize_kv_cache normally set it up
-            state.setup()
-            _wrap_model_state(self)
+            set_up(self, state)
+            wrap_model_state(self)
         off = _offsets(state, input_batch)
         n = input_batch.num_reqs
         step = state.plan_capture(
@@ -183,5 +182,4 @@ def apply() -> None:
     GPUModelRunner.prepare_attn = prepare_attn
     GPUModelRunner.execute_model = execute_model
     GPUModelRunner.sample_tokens = sample_tokens
-    runner.wrap_initialize_kv_cache(GPUModelRunner, "kernel_block_sizes", _wrap_model_state)
     GPUModelRunner._meda_patched = True
