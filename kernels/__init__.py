@@ -16,7 +16,8 @@ from .entropy import (
 )
 from .gather import gather_kv, gather_kv_at, gather_kv_at_reference, gather_kv_reference
 from .layout import PagedKVLayout
-from .merge import merge_match, merge_match_reference, paged_merge, paged_merge_reference
+from .match import merge_match, merge_match_reference
+from .merge import paged_merge, paged_merge_reference
 from .pool import pool_scores, pool_scores_reference
 from .window_scores import paged_window_scores, paged_window_scores_reference
 

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from meda_vllm.config import KVPolicyConfig
 from meda_vllm.merging import merge_evicted
-from meda_vllm.policies import Policy, build_policy
+from meda_vllm.policies import Policy
 from meda_vllm.selection import rank_positions, take_best, window_scores
 from meda_vllm.types import CompressionPlan, LayerPlan, LayerView
 
@@ -36,7 +36,7 @@ def required_query_positions(cfg: KVPolicyConfig, n: int, vis: Tensor | None) ->
     MEDA: also the entropy sample (``modality.entropy_query_positions``). Empty for
     ``none``/``full`` and when the budget keeps the whole prompt.
     """
-    policy = build_policy(cfg)
+    policy = cfg.policy
     if not policy.evicts or cfg.budget_tokens(n) >= n:
         return torch.empty(0, dtype=torch.long)
     return policy.query_positions(n, vis).long()
@@ -44,7 +44,7 @@ def required_query_positions(cfg: KVPolicyConfig, n: int, vis: Tensor | None) ->
 
 def score_rows(cfg: KVPolicyConfig, n: int) -> int:
     """How many of the last prompt queries ``LayerView.window_scores`` must sum over."""
-    return build_policy(cfg).score_rows(n)
+    return cfg.policy.score_rows(n)
 
 
 def compress(
@@ -80,7 +80,7 @@ def compress(
         raise ValueError(f"num_layers must be >= 1 (got {num_layers})")
     if n_tokens < 0:
         raise ValueError(f"n_tokens must be >= 0 (got {n_tokens})")
-    policy = build_policy(cfg)
+    policy = cfg.policy
     n = n_tokens
     budget = cfg.budget_tokens(n)
     if not policy.evicts or budget >= n:

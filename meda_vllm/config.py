@@ -1,12 +1,15 @@
 """KV-policy settings, shared by CLI flags, ``--additional-config`` and per-request overrides.
 
-Every field carries the ``kv_`` prefix because the same names are the CLI flags
+Every setting carries the ``kv_`` prefix because the same names are the CLI flags
 (``--kv-budget``), the ``--additional-config`` keys and the per-request override keys, so
-validation and error messages exist once, here.
+validation and error messages exist once, here. The fields below are the settings every
+policy shares; each policy's own settings (``kv_meda_*``, ``kv_h2o_max_queries``, ...) are
+declared on its dataclass (``policies/knobs.py``) and validated here from the registry.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from fractions import Fraction
@@ -14,17 +17,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
-POLICY_NAMES: tuple[str, ...] = (
-    "none",
-    "full",
-    "streamingllm",
-    "h2o",
-    "snapkv",
-    "pyramidkv",
-    "lookm",
-    "meda",
-    "madakv",
-)
+from meda_vllm.policies import Policy, build_policy, check_settings, policy_knobs, policy_names
+from meda_vllm.policies.knobs import InvalidValue as _Invalid
+from meda_vllm.policies.knobs import as_float as _as_float
+from meda_vllm.policies.knobs import as_int as _as_int
+
+#: The built-in policies (``policy_names()`` also has those registered later).
+POLICY_NAMES: tuple[str, ...] = policy_names()
 POOLING_MODES: tuple[str, ...] = ("max", "avg", "none")
 MERGE_MODES: tuple[str, ...] = ("none", "average", "weighted")
 
@@ -36,33 +35,15 @@ class ConfigError(ValueError):
     """A user-supplied KV-policy setting is invalid; the message is one line naming the field."""
 
 
-def _policy_names() -> tuple[str, ...]:
-    """Built-in names plus any registered later (imported lazily: policies import config)."""
-    from meda_vllm.policies import policy_names
-
-    return tuple(dict.fromkeys(POLICY_NAMES + policy_names()))
-
-
 # What each field accepts, in the words of the one-line error message.
 _ALLOWED: dict[str, str] = {
-    "kv_policy": "one of " + ", ".join(POLICY_NAMES),
+    "kv_policy": "one of the registered policies",
     "kv_budget": "a ratio in (0, 1] or an integer token count > 1",
     "kv_window": "an integer >= 1",
     "kv_pooling": "one of " + ", ".join(POOLING_MODES),
     "kv_pool_kernel": "an odd integer in [1, 63]",
     "kv_merge": "one of " + ", ".join(MERGE_MODES) + " (or unset for the policy's default)",
-    "kv_meda_recent_fraction": "a number in [0, 1]",
-    "kv_meda_renormalize": "a boolean",
-    "kv_meda_entropy_causal": "a boolean",
-    "kv_meda_visual_stride": "an integer >= 1",
-    "kv_meda_visual_rows": "an integer >= 0 (0: no cap)",
-    "kv_madakv_theta": "a number in (0, 1]",
     "kv_min_tokens_per_layer": "an integer >= 1",
-    "kv_sink_tokens": "an integer >= 0",
-    "kv_h2o_max_queries": "an integer >= 1",
-    "kv_pyramid_beta": "a number > 1",
-    "kv_lookm_recent_ratio": "a number in [0, 1]",
-    "kv_lookm_topk_ratio": "a number in [0, 1]",
     "kv_workspace_bytes": "0 (auto) or an integer >= 1048576 (1 MiB)",
 }
 
@@ -75,58 +56,20 @@ MIN_WORKSPACE_BYTES = 1 << 20
 _INT_RANGES: dict[str, tuple[int, int | None]] = {
     "kv_window": (1, None),
     "kv_pool_kernel": (1, 63),
-    "kv_meda_visual_stride": (1, None),
-    "kv_meda_visual_rows": (0, None),
     "kv_min_tokens_per_layer": (1, None),
-    "kv_sink_tokens": (0, None),
-    "kv_h2o_max_queries": (1, None),
 }
-
-
-class _Invalid(ValueError):
-    """Raised inside validators; turned into a ConfigError naming the field."""
-
-
-def _as_int(value: Any) -> int:
-    if isinstance(value, bool):
-        raise _Invalid
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
-        return int(value)
-    if isinstance(value, str):
-        try:
-            return int(value.strip())
-        except ValueError:
-            raise _Invalid from None
-    raise _Invalid
-
-
-def _as_float(value: Any) -> float:
-    if isinstance(value, bool):
-        raise _Invalid
-    if isinstance(value, (int, float)):
-        out = float(value)
-    elif isinstance(value, str):
-        try:
-            out = float(value.strip())
-        except ValueError:
-            raise _Invalid from None
-    else:
-        raise _Invalid
-    if not math.isfinite(out):
-        raise _Invalid
-    return out
 
 
 class KVPolicyConfig(BaseModel):
     """Which KV-cache compression policy runs, and its knobs.
 
     ``kv_budget`` in (0, 1] is a ratio of prompt tokens; a value > 1 (integral) is an
-    absolute token count per layer (mean over layers). See ``budget_tokens``.
+    absolute token count per layer (mean over layers). See ``budget_tokens``. The
+    registered policies' knobs are extra fields, read as attributes like the others
+    (``cfg.kv_meda_recent_fraction``), always present (their defaults when not given).
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="allow")
 
     kv_policy: str = "none"
     kv_budget: float | int = 0.2
@@ -134,18 +77,7 @@ class KVPolicyConfig(BaseModel):
     kv_pooling: PoolingMode = "max"
     kv_pool_kernel: int = 7
     kv_merge: MergeMode | None = None
-    kv_meda_recent_fraction: float = 0.75
-    kv_meda_renormalize: bool = True
-    kv_meda_entropy_causal: bool = False
-    kv_meda_visual_stride: int = 8
-    kv_meda_visual_rows: int = 128
-    kv_madakv_theta: float = 0.95
     kv_min_tokens_per_layer: int = 16
-    kv_sink_tokens: int = 4
-    kv_h2o_max_queries: int = 1024
-    kv_pyramid_beta: float = 20.0
-    kv_lookm_recent_ratio: float = 0.1
-    kv_lookm_topk_ratio: float = 0.1
     # Device memory set aside at engine start for one request's compression (plan, merge,
     # compaction); 0 = auto: enough for one layer at max_model_len (meda_vllm.workspace).
     kv_workspace_bytes: int = 0
@@ -189,43 +121,10 @@ class KVPolicyConfig(BaseModel):
             raise _Invalid
         return out
 
-    @field_validator(
-        "kv_meda_recent_fraction",
-        "kv_madakv_theta",
-        "kv_pyramid_beta",
-        "kv_lookm_recent_ratio",
-        "kv_lookm_topk_ratio",
-        mode="before",
-    )
-    @classmethod
-    def _check_float(cls, value: Any, info: Any) -> float:
-        out = _as_float(value)
-        name = info.field_name
-        if name == "kv_madakv_theta":
-            ok = 0 < out <= 1
-        elif name == "kv_pyramid_beta":
-            ok = out > 1
-        else:
-            ok = 0 <= out <= 1
-        if not ok:
-            raise _Invalid
-        return out
-
-    @field_validator("kv_meda_renormalize", "kv_meda_entropy_causal", mode="before")
-    @classmethod
-    def _check_bool(cls, value: Any) -> bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0"):
-            return value.strip().lower() in ("true", "1")
-        if isinstance(value, int) and value in (0, 1):
-            return bool(value)
-        raise _Invalid
-
     @field_validator("kv_policy", mode="before")
     @classmethod
     def _check_policy(cls, value: Any) -> str:
-        if not isinstance(value, str) or value.strip().lower() not in _policy_names():
+        if not isinstance(value, str) or value.strip().lower() not in policy_names():
             raise _Invalid
         return value.strip().lower()
 
@@ -234,14 +133,30 @@ class KVPolicyConfig(BaseModel):
     def _lower_choice(cls, value: Any) -> Any:
         return value.strip().lower() if isinstance(value, str) else value
 
-    @model_validator(mode="after")
-    def _check_lookm_split(self) -> KVPolicyConfig:
-        if self.kv_lookm_recent_ratio + self.kv_lookm_topk_ratio <= 0:
-            raise ValueError(
-                "kv_lookm_recent_ratio + kv_lookm_topk_ratio must be > 0 (got "
-                f"{self.kv_lookm_recent_ratio} + {self.kv_lookm_topk_ratio})"
-            )
-        return self
+    @model_validator(mode="before")
+    @classmethod
+    def _policy_knobs(cls, data: Any) -> Any:
+        """The registered policies' knobs: each validated by its rule or set to its
+        default; unknown names refused; then the policies' cross-knob checks."""
+        if not isinstance(data, Mapping):
+            return data
+        out = dict(data)
+        knobs = policy_knobs()
+        for key in out:
+            if key not in cls.model_fields and key not in knobs:
+                raise ValueError(f"unknown KV policy setting {key!r}; known: {_known()}")
+        for name, knob in knobs.items():
+            if name not in out:
+                out[name] = knob.default
+                continue
+            try:
+                out[name] = knob.rule.check(out[name])
+            except _Invalid:
+                raise ValueError(
+                    f"{name} must be {knob.rule.allowed} (got {out[name]!r})"
+                ) from None
+        check_settings(out)
+        return out
 
     # --- construction -----------------------------------------------------------------
 
@@ -269,10 +184,6 @@ class KVPolicyConfig(BaseModel):
 
     # --- derived values ---------------------------------------------------------------
 
-    @property
-    def budget_is_ratio(self) -> bool:
-        return isinstance(self.kv_budget, float)
-
     def budget_tokens(self, n: int) -> int:
         """Mean number of tokens kept per layer for a prompt of ``n`` tokens."""
         if n <= 0:
@@ -282,10 +193,24 @@ class KVPolicyConfig(BaseModel):
             return min(n, math.ceil(Fraction(repr(self.kv_budget)) * n))
         return min(n, self.kv_budget)
 
+    @functools.cached_property
+    def policy(self) -> Policy:
+        """This request's policy, built once per settings object (``policies.build_policy``)."""
+        return build_policy(self)
+
     @property
     def evicts(self) -> bool:
         """False for policies that never drop anything (``none``, ``full``)."""
         return self.kv_policy not in ("none", "full")
+
+
+def known_settings() -> tuple[str, ...]:
+    """Every setting name: the shared fields, then the registered policies' knobs."""
+    return tuple(dict.fromkeys([*KVPolicyConfig.model_fields, *policy_knobs()]))
+
+
+def _known() -> str:
+    return ", ".join(known_settings())
 
 
 def _normalise(data: Mapping[str, Any]) -> dict[str, Any]:
@@ -298,10 +223,8 @@ def _normalise(data: Mapping[str, Any]) -> dict[str, Any]:
         key = raw_key.strip().lstrip("-").replace("-", "_").lower()
         if not key.startswith("kv_"):
             key = "kv_" + key
-        if key not in KVPolicyConfig.model_fields:
-            raise ConfigError(
-                f"unknown KV policy setting {raw_key!r}; known: {', '.join(_ALLOWED)}"
-            )
+        if key not in known_settings():
+            raise ConfigError(f"unknown KV policy setting {raw_key!r}; known: {_known()}")
         if key in out:
             raise ConfigError(f"KV policy setting {key} given twice (as {raw_key!r})")
         out[key] = value
@@ -312,10 +235,8 @@ def _one_line(exc: ValidationError) -> str:
     err = exc.errors()[0]
     loc = err.get("loc") or ()
     field = str(loc[0]) if loc else ""
-    if err.get("type") == "extra_forbidden":
-        return f"unknown KV policy setting {field!r}; known: {', '.join(_ALLOWED)}"
     if field == "kv_policy":
-        return f"kv_policy must be one of {', '.join(_policy_names())} (got {err.get('input')!r})"
+        return f"kv_policy must be one of {', '.join(policy_names())} (got {err.get('input')!r})"
     if field in _ALLOWED:
         return f"{field} must be {_ALLOWED[field]} (got {err.get('input')!r})"
     # Model-level checks write their own one-line message.

@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from meda_vllm.compress import compress, score_rows
+from meda_vllm.compress import compress
 from meda_vllm.config import KVPolicyConfig
 from meda_vllm.kernels import (
     PagedKVLayout,
@@ -37,8 +37,6 @@ from meda_vllm.kernels import (
 from meda_vllm.kernels.dispatch import num_sms
 from meda_vllm.kernels.layout import same_geometry
 from meda_vllm.merging import merge_weights
-from meda_vllm.policies import build_policy
-from meda_vllm.policies.meda import MEDAPolicy
 from meda_vllm.selection import rows_for_positions
 from meda_vllm.types import CompressionPlan, LayerView, check_query_positions
 from meda_vllm.workspace import WorkspaceTooSmall, layer_cost
@@ -156,14 +154,14 @@ def plan_paged_request(
     # layer's view): on a GPU each would otherwise synchronise.
     pos = query_pos.cpu()
     check_query_positions(pos, n)
-    score_sel = torch.nonzero(pos >= n - score_rows(cfg, n)).squeeze(1).to(query_pos.device)
+    policy = cfg.policy
+    score_sel = torch.nonzero(pos >= n - policy.score_rows(n)).squeeze(1).to(query_pos.device)
     entropy_sel = None
-    policy = build_policy(cfg)
-    if fast and isinstance(policy, MEDAPolicy) and vis is not None:
-        wanted = policy.entropy_positions(n, vis)
+    wanted = policy.entropy_positions(n, vis) if fast and vis is not None else None
+    if wanted is not None:
         entropy_sel = rows_for_positions(pos, wanted).to(query_pos.device)
     num_layers = len(caches)
-    common = {"fast": fast, "entropy_causal": cfg.kv_meda_entropy_causal}
+    common = {"fast": fast, "entropy_causal": policy.entropy_causal}
     shared = fast and layer_sets and _one_layout(caches, layouts)
     if shared:
         layout, heads = layouts[0], layouts[0].num_kv_heads

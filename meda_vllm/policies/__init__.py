@@ -1,11 +1,14 @@
-"""Policy registry: one table from name to class. A new policy is one file plus one entry."""
+"""Policy registry: one table from name to class. A new policy is one file: a ``Policy``
+dataclass (its settings declared with ``knobs.knob``) passed to ``register_policy``."""
 
 from __future__ import annotations
 
-from meda_vllm.config import KVPolicyConfig
+from typing import Any
+
 from meda_vllm.policies.base import Policy, Ranking
 from meda_vllm.policies.full import FullPolicy, NonePolicy
 from meda_vllm.policies.h2o import H2OPolicy
+from meda_vllm.policies.knobs import Knob, knobs_of
 from meda_vllm.policies.lookm import LookMPolicy
 from meda_vllm.policies.madakv import MadaKVPolicy
 from meda_vllm.policies.meda import MEDAPolicy
@@ -52,7 +55,26 @@ def policy_names() -> tuple[str, ...]:
     return tuple(_REGISTRY)
 
 
-def build_policy(cfg: KVPolicyConfig) -> Policy:
+def policy_knobs() -> dict[str, Knob]:
+    """Every registered policy's knobs by setting name (a setting two policies share,
+    such as an inherited knob, must agree on its default and rule)."""
+    out: dict[str, Knob] = {}
+    for cls in _REGISTRY.values():
+        for k in knobs_of(cls):
+            prev = out.setdefault(k.setting, k)
+            if (prev.default, prev.rule.allowed) != (k.default, k.rule.allowed):
+                raise ValueError(f"{k.setting} is declared twice with different defaults")
+    return out
+
+
+def check_settings(values: dict[str, Any]) -> None:
+    """Every registered policy's cross-knob checks (ValueError, one line)."""
+    for cls in _REGISTRY.values():
+        cls.check_settings(values)
+
+
+def build_policy(cfg: Any) -> Policy:
+    """The request's policy from its ``KVPolicyConfig``."""
     return get_policy(cfg.kv_policy).from_config(cfg)
 
 
@@ -60,7 +82,9 @@ __all__ = [
     "Policy",
     "Ranking",
     "build_policy",
+    "check_settings",
     "get_policy",
+    "policy_knobs",
     "policy_names",
     "register_policy",
 ]

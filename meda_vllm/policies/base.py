@@ -1,9 +1,10 @@
 """What every policy shares: window scores, pooling, forced-keep tiers, uniform budgets.
 
-A policy is a frozen dataclass built from ``KVPolicyConfig``. It says how to score
-positions (``raw_score``, pooled into ``score``), which positions are forced (``tiers``:
-higher tiers are kept first, whatever their score) and, optionally, how to split the
-budget over layers (``layer_budgets``). Ranking, padding and merging live in
+A policy is a frozen dataclass built from the request's settings (``KVPolicyConfig``);
+its own settings are fields declared with ``knobs.knob`` (name, default, range, help).
+It says how to score positions (``raw_score``, pooled into ``score``), which positions
+are forced (``tiers``: higher tiers are kept first, whatever their score) and, optionally,
+how to split the budget over layers (``layer_budgets``). Ranking, padding and merging live in
 ``compress.py``, once.
 """
 
@@ -17,7 +18,7 @@ import torch
 from torch import Tensor
 
 from meda_vllm.budgets import LayerBudgets, uniform_budgets
-from meda_vllm.config import KVPolicyConfig
+from meda_vllm.policies.knobs import knobs_of
 from meda_vllm.selection import pool_scores, tier_rows, window_scores
 from meda_vllm.types import LayerView
 
@@ -61,6 +62,9 @@ class Policy:
     # (``[L * H_kv, N]``) with one budget per layer, ranked in one pass (the engine's fast
     # path, ``compress(layer_set=...)``). A policy whose ``ranking`` cannot says False.
     stackable: ClassVar[bool] = True
+    # Whether the cross-modal entropy (``entropy_positions``) uses a causal mask; a
+    # policy that budgets layers by entropy makes it a knob (MEDA).
+    entropy_causal: ClassVar[bool] = False
 
     window: int = 32
     pooling: str = "max"
@@ -69,18 +73,21 @@ class Policy:
     min_keep: int = 16
 
     @classmethod
-    def from_config(cls, cfg: KVPolicyConfig) -> Policy:
-        return cls(**cls.config_fields(cfg))
+    def from_config(cls, cfg: Any) -> Policy:
+        """Built from a ``KVPolicyConfig``: the shared settings, then the policy's knobs."""
+        return cls(
+            window=cfg.kv_window,
+            pooling=cfg.kv_pooling if cls.pooled else "none",
+            pool_kernel=cfg.kv_pool_kernel,
+            merge=cfg.kv_merge or cls.default_merge,
+            min_keep=cfg.kv_min_tokens_per_layer,
+            **{k.field: getattr(cfg, k.setting) for k in knobs_of(cls)},
+        )
 
     @classmethod
-    def config_fields(cls, cfg: KVPolicyConfig) -> dict[str, Any]:
-        return {
-            "window": cfg.kv_window,
-            "pooling": cfg.kv_pooling if cls.pooled else "none",
-            "pool_kernel": cfg.kv_pool_kernel,
-            "merge": cfg.kv_merge or cls.default_merge,
-            "min_keep": cfg.kv_min_tokens_per_layer,
-        }
+    def check_settings(cls, values: dict[str, Any]) -> None:
+        """Checks across this policy's knobs (``values``: every setting by name); raise
+        ValueError with one line. Default: none."""
 
     # --- what the engine must capture ---------------------------------------------------
 
@@ -91,6 +98,12 @@ class Policy:
     def query_positions(self, n: int, vis: Tensor | None) -> Tensor:
         """Ascending prompt positions whose query rows this policy reads."""
         return torch.arange(n - max(self.score_rows(n), min(self.window, n)), n)
+
+    def entropy_positions(self, n: int, vis: Tensor | None) -> Tensor | None:
+        """Prompt positions of the sampled cross-modal entropy rows, for a policy that
+        budgets layers by it (the paged kernels then compute it with the window scores);
+        None: no entropy."""
+        return None
 
     # --- scoring ------------------------------------------------------------------------
 

@@ -4,10 +4,9 @@ queries (exact H2O would use all of them), plus a recent window of half the budg
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
-from meda_vllm.config import KVPolicyConfig
 from meda_vllm.policies.base import Policy, TierSpec
+from meda_vllm.policies.knobs import integer, knob
 
 
 @dataclass(frozen=True)
@@ -15,11 +14,9 @@ class H2OPolicy(Policy):
     name = "h2o"
     pooled = False
 
-    max_queries: int = 1024
-
-    @classmethod
-    def config_fields(cls, cfg: KVPolicyConfig) -> dict[str, Any]:
-        return {**super().config_fields(cfg), "max_queries": cfg.kv_h2o_max_queries}
+    max_queries: int = knob(
+        1024, integer(1), "prompt queries the attention is accumulated over (the last ones)"
+    )
 
     def score_rows(self, n: int) -> int:
         return min(self.max_queries, n)

@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from meda_vllm.config import KVPolicyConfig
 from meda_vllm.policies.base import Policy, TierSpec
+from meda_vllm.policies.knobs import knob, number
 
 
 @dataclass(frozen=True)
@@ -19,16 +19,16 @@ class LookMPolicy(Policy):
     default_merge = "average"
     pooled = False
 
-    recent_ratio: float = 0.1
-    topk_ratio: float = 0.1
+    recent_ratio: float = knob(0.1, number(0, 1), "the recent window's share of the split")
+    topk_ratio: float = knob(0.1, number(0, 1), "the top tokens' share of the split")
 
     @classmethod
-    def config_fields(cls, cfg: KVPolicyConfig) -> dict[str, Any]:
-        return {
-            **super().config_fields(cfg),
-            "recent_ratio": cfg.kv_lookm_recent_ratio,
-            "topk_ratio": cfg.kv_lookm_topk_ratio,
-        }
+    def check_settings(cls, values: dict[str, Any]) -> None:
+        recent, topk = values["kv_lookm_recent_ratio"], values["kv_lookm_topk_ratio"]
+        if recent + topk <= 0:
+            raise ValueError(
+                f"kv_lookm_recent_ratio + kv_lookm_topk_ratio must be > 0 (got {recent} + {topk})"
+            )
 
     def tier_spec(self, n: int, budget: int) -> TierSpec:
         share = self.recent_ratio / (self.recent_ratio + self.topk_ratio)

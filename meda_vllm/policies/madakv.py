@@ -5,14 +5,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from meda_vllm.budgets import HCCState, LayerBudgets, modality_demand
-from meda_vllm.config import KVPolicyConfig
 from meda_vllm.policies.base import GetView, Policy, Ranking
+from meda_vllm.policies.knobs import knob, number
 from meda_vllm.selection import host_values, pool_scores, rank_positions
 from meda_vllm.types import LayerView
 
@@ -44,11 +43,9 @@ def modality_quotas(psi: Tensor, vis: Tensor, forced: Tensor, budget: int | Tens
 class MadaKVPolicy(Policy):
     name = "madakv"
 
-    theta: float = 0.95
-
-    @classmethod
-    def config_fields(cls, cfg: KVPolicyConfig) -> dict[str, Any]:
-        return {**super().config_fields(cfg), "theta": cfg.kv_madakv_theta}
+    theta: float = knob(
+        0.95, number(0, 1, lo_open=True), "attention mass a layer's demand must cover (HCC)"
+    )
 
     def ranking(self, view: LayerView, budget: int | Sequence[int]) -> Ranking:
         psi = self.raw_score(view)

@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from meda_vllm.budgets import LayerBudgets, entropy_budgets, uniform_budgets
-from meda_vllm.config import KVPolicyConfig
 from meda_vllm.entropy import layer_entropy_value, to_host_floats
 from meda_vllm.modality import entropy_query_positions
 from meda_vllm.policies.base import GetView, Policy, TierSpec
+from meda_vllm.policies.knobs import BOOLEAN, integer, knob, number
 from meda_vllm.types import LayerView
 
 
@@ -23,22 +22,15 @@ class MEDAPolicy(Policy):
     name = "meda"
     default_merge = "average"
 
-    recent_fraction: float = 0.75
-    renormalize: bool = True
-    entropy_causal: bool = False
-    visual_stride: int = 8
-    visual_rows: int = 128
-
-    @classmethod
-    def config_fields(cls, cfg: KVPolicyConfig) -> dict[str, Any]:
-        return {
-            **super().config_fields(cfg),
-            "recent_fraction": cfg.kv_meda_recent_fraction,
-            "renormalize": cfg.kv_meda_renormalize,
-            "entropy_causal": cfg.kv_meda_entropy_causal,
-            "visual_stride": cfg.kv_meda_visual_stride,
-            "visual_rows": cfg.kv_meda_visual_rows,
-        }
+    recent_fraction: float = knob(
+        0.75, number(0, 1), "share of a layer's budget kept as the recent window"
+    )
+    renormalize: bool = knob(True, BOOLEAN, "renormalise the entropy budgets to the mean")
+    entropy_causal: bool = knob(False, BOOLEAN, "causal mask in the cross-modal entropy")
+    visual_stride: int = knob(8, integer(1), "sample every k-th visual query row for entropy")
+    visual_rows: int = knob(
+        128, integer(0, "0: no cap"), "cap on the sampled visual rows (the stride grows)"
+    )
 
     def query_positions(self, n: int, vis: Tensor | None) -> Tensor:
         window = super().query_positions(n, vis)

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from meda_vllm.budgets import LayerBudgets, pyramid_budgets
-from meda_vllm.config import KVPolicyConfig
 from meda_vllm.policies.base import GetView
+from meda_vllm.policies.knobs import knob, number
 from meda_vllm.policies.snapkv import SnapKVPolicy
 
 
@@ -15,11 +14,9 @@ from meda_vllm.policies.snapkv import SnapKVPolicy
 class PyramidKVPolicy(SnapKVPolicy):
     name = "pyramidkv"
 
-    beta: float = 20.0
-
-    @classmethod
-    def config_fields(cls, cfg: KVPolicyConfig) -> dict[str, Any]:
-        return {**super().config_fields(cfg), "beta": cfg.kv_pyramid_beta}
+    beta: float = knob(
+        20.0, number(1), "steepness of the pyramid budgets", setting="kv_pyramid_beta"
+    )
 
     def layer_budgets(
         self, get_view: GetView, num_layers: int, n: int, budget: int

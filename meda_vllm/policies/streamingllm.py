@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
 
-from meda_vllm.config import KVPolicyConfig
 from meda_vllm.policies.base import Policy, TierSpec
+from meda_vllm.policies.knobs import integer, knob
 from meda_vllm.types import LayerView
 
 
@@ -18,11 +17,9 @@ class StreamingLLMPolicy(Policy):
     name = "streamingllm"
     pooled = False
 
-    sink_tokens: int = 4
-
-    @classmethod
-    def config_fields(cls, cfg: KVPolicyConfig) -> dict[str, Any]:
-        return {**super().config_fields(cfg), "sink_tokens": cfg.kv_sink_tokens}
+    sink_tokens: int = knob(
+        4, integer(0), "first tokens always kept (attention sinks)", setting="kv_sink_tokens"
+    )
 
     def raw_score(self, view: LayerView) -> Tensor:
         # Recency is the score: later positions rank first.

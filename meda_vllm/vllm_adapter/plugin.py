@@ -22,6 +22,7 @@ from meda_vllm.vllm_adapter.patches import (
     initialize_kv_cache,
     kv_cache_manager,
     metrics_route,
+    model_state,
     sampling_params,
     scheduler,
     v1_runner,
@@ -102,4 +103,4 @@ PATCHES: tuple[tuple[str, Callable[[], None]], ...] = (
 )
 
 #: Patches installed on instances while compression is set up, not on a module's import.
-AT_SETUP: tuple[ModuleType, ...] = (attention,)
+AT_SETUP: tuple[ModuleType, ...] = (attention, model_state)

@@ -40,7 +40,7 @@ MEDA_KERNELS = {
     "meda_vllm.kernels.entropy._entropy_combine_kernel",
     "meda_vllm.kernels.compact._write_kernel",
     # MEDA merges from the pages (paged_merge), not from dense torch copies of K/V
-    "meda_vllm.kernels.merge._match_kernel",
+    "meda_vllm.kernels.match._match_kernel",
     "meda_vllm.kernels.merge._accumulate_kernel",
 }
 
@@ -91,7 +91,7 @@ def test_runs_model_runner_v2_with_triton_attention(servers, name):
         # layer sets: one merge launch per compressed request for all layers, not per layer
         compressed = wait_idle(srv).get("meda:requests_compressed_total", 0)
         assert compressed >= 1
-        assert kernels["meda_vllm.kernels.merge._match_kernel"] == compressed, kernels
+        assert kernels["meda_vllm.kernels.match._match_kernel"] == compressed, kernels
 
 
 def test_production_cpu_server_is_not_on_the_gpu_path(servers):

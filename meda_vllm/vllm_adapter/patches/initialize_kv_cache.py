@@ -11,7 +11,7 @@ block sizes here, once the attention backends are known: the earliest point for 
 How: after the original, compares ``_kernel_block_sizes`` (V1) / ``kernel_block_sizes`` (V2)
 with each KV cache group's block size and raises ``UnsupportedLayoutError`` with one line
 (``runner.check_kernel_block_sizes``); then, outside the profiling run, sets compression up
-(``set_up``; on V2 also ``model_state.prepare_attn``, ``patches/v2_runner.py``). The runners'
+(``set_up``; on V2 also ``model_state.prepare_attn``, ``patches/model_state.py``). The runners'
 prepare hooks call ``set_up`` too, as a fallback.
 
 Remove when: the worker maps manager blocks to kernel blocks, and vLLM supports shrinking
@@ -67,7 +67,7 @@ def apply_v1() -> None:
 def apply_v2() -> None:
     from vllm.v1.worker.gpu.model_runner import GPUModelRunner
 
-    from meda_vllm.vllm_adapter.patches.v2_runner import wrap_model_state
+    from meda_vllm.vllm_adapter.patches.model_state import wrap_model_state
 
     if not getattr(GPUModelRunner.initialize_kv_cache, "_meda", False):
         wrap_initialize_kv_cache(GPUModelRunner, "kernel_block_sizes", wrap_model_state)

@@ -1,7 +1,7 @@
 """``vllm.v1.worker.gpu.model_runner.GPUModelRunner`` (Model Runner V2: the GPU default,
 also vLLM's CPU V2 runner): ``add_requests``, ``finish_requests``, ``prepare_attn``,
-``execute_model``, ``sample_tokens``; and, per runner, its ``model_state.prepare_attn``
-(its ``initialize_kv_cache``: ``patches/initialize_kv_cache.py``).
+``execute_model``, ``sample_tokens`` (its ``initialize_kv_cache``:
+``patches/initialize_kv_cache.py``; its ``model_state``: ``patches/model_state.py``).
 
 Why: as for V1 (``patches/v1_runner.py``): physical slot mappings and ``seq_lens`` for
 compressed requests, logical RoPE positions, query rows captured during the prefill,
@@ -18,10 +18,6 @@ How:
 - ``prepare_attn``: for a batch with a compressed request, gathers the block tables and
   computes the slot mappings itself from ``positions - removed``; tells the attention
   wrappers which rows to keep.
-- ``model_state.prepare_attn`` (instance attribute, installed at setup): attention sees
-  physical ``seq_lens`` (``dataclasses.replace(input_batch, seq_lens=...,
-  seq_lens_cpu_upper_bound=...)``) while the runner's ``InputBatch`` keeps the logical
-  ones the sampler reads.
 - ``execute_model``: marks real (non-dummy) steps; after the forward compresses the armed
   requests and cuts each one's block-table row by its length only
   (``BlockTables.num_blocks.np[0, idx] = K``, the host copy that the next
@@ -36,7 +32,6 @@ Remove when: vLLM supports shrinking a request's KV natively.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 
@@ -74,31 +69,6 @@ def _compress(runner: Any, state: Any, rid: str, cfg: dict[str, Any]) -> None:
     state.compress_request(rid, cfg, row_ids, truncate)
 
 
-def wrap_model_state(runner: Any) -> None:
-    """Physical seq_lens for the attention metadata: the runner's own InputBatch keeps
-    logical lengths, which the sampler and the draft logic read after the forward."""
-    model_state = runner.model_state
-    if getattr(model_state, "_meda_wrapped", False):
-        return
-    orig = model_state.prepare_attn
-
-    def prepare_attn(input_batch, *args, **kwargs):
-        off = getattr(runner, "_meda_offsets", None)
-        if off is not None:
-            n = off.numel()
-            seq_lens = input_batch.seq_lens.clone()
-            seq_lens[:n] -= off.to(seq_lens.device, seq_lens.dtype)
-            upper = input_batch.seq_lens_cpu_upper_bound.clone()
-            upper[:n] -= off.to(upper.dtype)
-            input_batch = dataclasses.replace(
-                input_batch, seq_lens=seq_lens, seq_lens_cpu_upper_bound=upper
-            )
-        return orig(input_batch, *args, **kwargs)
-
-    model_state.prepare_attn = prepare_attn
-    model_state._meda_wrapped = True
-
-
 def apply() -> None:
     import numpy as np
     import torch
@@ -106,6 +76,7 @@ def apply() -> None:
 
     from meda_vllm.vllm_adapter import capture, runner
     from meda_vllm.vllm_adapter.patches.initialize_kv_cache import set_up
+    from meda_vllm.vllm_adapter.patches.model_state import wrap_model_state
 
     if getattr(GPUModelRunner, "_meda_patched", False):
         return
