@@ -12,7 +12,8 @@ import argparse
 import json
 from typing import Any
 
-from meda_vllm.config import POLICY_NAMES, ConfigError, KVPolicyConfig
+from meda_vllm.config import ConfigError, KVPolicyConfig
+from meda_vllm.policies import policy_names
 from meda_vllm.vllm_adapter import settings
 from meda_vllm.vllm_adapter.log import logger
 
@@ -45,6 +46,15 @@ def _window(text: str) -> int:
     return value
 
 
+def _policy(text: str) -> str:
+    """A registered policy's name, checked when the flags are parsed (not a fixed
+    ``choices`` list: a policy another plugin registers is accepted too)."""
+    try:
+        return KVPolicyConfig.from_mapping({"kv_policy": text}).kv_policy
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _json_object(text: str) -> dict[str, Any]:
     try:
         value = json.loads(text)
@@ -65,9 +75,11 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--kv-policy",
-        choices=POLICY_NAMES,
+        type=_policy,
         default=None,
-        help="Compression policy; 'none' (default) leaves vLLM untouched.",
+        help="Compression policy, one of the registered ones ("
+        + ", ".join(policy_names())
+        + "); 'none' (default) leaves vLLM untouched.",
     )
     group.add_argument(
         "--kv-budget",

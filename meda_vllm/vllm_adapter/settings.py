@@ -13,17 +13,15 @@ import contextlib
 from collections.abc import Mapping
 from typing import Any
 
-from meda_vllm.config import ConfigError, KVPolicyConfig
-
-#: additional_config keys that belong to us (the kv_* fields of KVPolicyConfig).
-CONFIG_KEYS = frozenset(KVPolicyConfig.model_fields)
+from meda_vllm.config import ConfigError, KVPolicyConfig, known_settings
 
 
 def split_additional_config(additional: Mapping[str, Any] | None) -> dict[str, Any]:
     """The ``kv_*`` entries of ``--additional-config`` (other plugins' keys are left alone)."""
     if not additional:
         return {}
-    return {k: v for k, v in additional.items() if k in CONFIG_KEYS}
+    ours = set(known_settings())  # the shared settings and the registered policies' knobs
+    return {k: v for k, v in additional.items() if k in ours}
 
 
 def server_config_from_additional(additional: Mapping[str, Any] | None) -> KVPolicyConfig:
