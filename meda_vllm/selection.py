@@ -165,10 +165,3 @@ def recent_mask(n: int, count: int, device: torch.device | str | None = None) ->
     if count > 0:
         mask[max(0, n - count) :] = True
     return mask
-
-
-def first_mask(n: int, count: int, device: torch.device | str | None = None) -> Tensor:
-    """``[n]`` bool, True for the first ``min(count, n)`` positions."""
-    mask = torch.zeros(n, dtype=torch.bool, device=device)
-    mask[: max(0, count)] = True
-    return mask

@@ -67,6 +67,30 @@ def policy_knobs() -> dict[str, Knob]:
     return out
 
 
+def settings_table() -> str:
+    """docs/SETTINGS.md: every registered policy's knobs (``python -m meda_vllm.policies``)."""
+    lines = [
+        "# Policy settings",
+        "",
+        "<!-- Rendered from the policies' knobs by `python -m meda_vllm.policies`; a test",
+        "checks it. Edit the knob in the policy's file. -->",
+        "",
+        "Each policy's own settings, declared on its dataclass (`meda_vllm/policies/`). Give",
+        "them in `--kv-policy-config` (server default) or a request's `vllm_xargs`; the shared",
+        "settings (`--kv-budget`, `--kv-window`, `kv_pooling`, `kv_pool_kernel`, `kv_merge`,",
+        "`kv_min_tokens_per_layer`, `kv_workspace_bytes`) are in the README.",
+        "",
+        "| setting | policy | default | accepts | meaning |",
+        "|---|---|---|---|---|",
+    ]
+    for name, cls in _REGISTRY.items():
+        for k in knobs_of(cls):
+            lines.append(
+                f"| `{k.setting}` | `{name}` | `{k.default}` | {k.rule.allowed} | {k.help} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
 def check_settings(values: dict[str, Any]) -> None:
     """Every registered policy's cross-knob checks (ValueError, one line)."""
     for cls in _REGISTRY.values():
@@ -87,4 +111,5 @@ __all__ = [
     "policy_knobs",
     "policy_names",
     "register_policy",
+    "settings_table",
 ]

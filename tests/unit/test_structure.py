@@ -133,3 +133,12 @@ def test_logic_modules_never_import_the_patch_layer_face():
         if name == face or name.startswith("meda_vllm.vllm_adapter.patch"):
             continue
         assert face not in _imports(name, path, known), name
+
+
+def test_the_policy_settings_table_is_rendered_from_the_registry():
+    from meda_vllm.policies import settings_table
+
+    text = (ROOT / "docs" / "SETTINGS.md").read_text()
+    assert text == settings_table(), (
+        "docs/SETTINGS.md is stale: python -m meda_vllm.policies > docs/SETTINGS.md"
+    )
