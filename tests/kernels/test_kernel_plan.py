@@ -30,7 +30,9 @@ def _plan(req, cfg, heads, backend, monkeypatch, layer_sets=True):
 def _count_launches(monkeypatch) -> list[str]:
     """Names of the Triton kernels launched from now on (every op module's launcher)."""
     launched = []
-    for module in ("split_stats", "window_scores", "entropy", "merge", "compact", "gather", "pool"):
+    modules = ("split_stats", "window_scores", "entropy", "match", "merge", "compact", "gather")
+    modules += ("pool",)
+    for module in modules:
         mod = getattr(kernels, module)
         real = mod.launchable
 
