@@ -24,10 +24,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .dispatch import copy_tile_tokens, launchable, resolve_backend
+from . import dispatch
+from .dispatch import copy_tile_tokens, resolve_backend
 from .gather import _launch as _gather_launch
 from .gather import gather_kv_at_reference
-from .layout import FLOAT_DTYPES, CacheSet, PagedKVLayout, check_caches, check_positions, check_row
+from .layout import FLOAT_DTYPES, LayerSet, PagedKVLayout, check_caches, check_positions, check_row
 from .tiles import kv_offsets, page_slots
 
 
@@ -90,13 +91,13 @@ def _write_kernel(
     tl.store(cache_ptr + v_addr, v, mask=mask)
 
 
-def _launch_write(caches: CacheSet, row, src_k, src_v):
+def _launch_write(caches: LayerSet, row, src_k, src_v):
     cache, layout = caches.base, caches.layout
     h_kv, num_tokens, d = src_k.shape
     if num_tokens == 0:
         return
     block_t = copy_tile_tokens(cache)
-    launchable(_write_kernel, cache.device)[(triton.cdiv(num_tokens, block_t), h_kv)](
+    dispatch.launchable(_write_kernel, cache.device)[(triton.cdiv(num_tokens, block_t), h_kv)](
         cache,
         row,
         src_k,
@@ -145,7 +146,7 @@ def compact_(
     ``kept [H_kv, P]`` strictly ascending positions per head; ``new_k``/``new_v`` optional
     ``[H_kv, P, D]`` float tensors (cast to the cache dtype), each independent of the other.
     A sequence of ``L`` layer caches compacts them all in one launch: ``kept`` and
-    ``new_k``/``new_v`` are then ``[L * H_kv, ...]`` (layer-major, see ``CacheSet``).
+    ``new_k``/``new_v`` are then ``[L * H_kv, ...]`` (layer-major, see ``LayerSet``).
     """
     caches = check_caches(cache, layout)
     cache = caches.base

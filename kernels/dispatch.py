@@ -11,9 +11,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-from dataclasses import dataclass, field
 
 import torch
 import triton
@@ -33,57 +31,6 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
     return choice
 
 
-@dataclass
-class LaunchRecord:
-    """One kernel launch a launcher asked for while :func:`recording_launches` was active."""
-
-    kernel: object
-    grid: tuple
-    args: tuple
-    kwargs: dict
-
-
-@dataclass
-class _Recording:
-    num_sms: int
-    launches: list[LaunchRecord] = field(default_factory=list)
-
-
-_RECORDING: _Recording | None = None
-
-
-class _Recorder:
-    def __init__(self, kernel, recording: _Recording):
-        self.kernel, self.recording = kernel, recording
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            self.recording.launches.append(LaunchRecord(self.kernel, tuple(grid), args, kwargs))
-
-        return launch
-
-
-@contextlib.contextmanager
-def recording_launches(num_sms: int = 132):
-    """Record the launches the ops would make on a GPU with ``num_sms`` SMs, run nothing.
-
-    Inside the block the launchers take their GPU branch (tile sizes, split counts, tensor
-    core operand types) even for CPU tensors and every ``launchable(...)[grid](...)`` call
-    is appended to the yielded list instead of running. Outputs the kernels would write
-    stay as allocated, so a launcher that reads a kernel's output on the host sees
-    whatever ``torch.empty`` returned. Used by :mod:`.compile_check` to compile every
-    launch for a GPU target on a machine without one.
-    """
-    global _RECORDING
-    if _RECORDING is not None:
-        raise RuntimeError("recording_launches() does not nest")
-    _RECORDING = _Recording(num_sms)
-    try:
-        yield _RECORDING.launches
-    finally:
-        _RECORDING = None
-
-
 def launchable(kernel, device: torch.device):
     """The kernel object to launch for tensors on ``device``.
 
@@ -91,8 +38,6 @@ def launchable(kernel, device: torch.device):
     and cannot touch CPU tensors; nor can an interpreted kernel call ``tl.sum``/``tl.max``
     if triton itself was imported before the variable was set.
     """
-    if _RECORDING is not None:
-        return _Recorder(kernel, _RECORDING)
     if device.type == "cpu" and not interpreter_ready(kernel):
         raise RuntimeError(
             "backend='triton' on CPU tensors runs in Triton's interpreter: set "
@@ -121,14 +66,10 @@ def _interpreter_probe(x):
 
 def is_interpreted(device: torch.device) -> bool:
     """True when kernels for ``device`` run in the (slow) Triton interpreter."""
-    if _RECORDING is not None:
-        return False
     return device.type == "cpu" or os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def num_sms(device: torch.device) -> int:
-    if _RECORDING is not None:
-        return _RECORDING.num_sms
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 1

@@ -32,9 +32,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .dispatch import launchable, resolve_backend
+from meda_vllm.entropy import cross_modal_entropy_terms
+
+from . import dispatch
+from .dispatch import resolve_backend
 from .gather import gather_pages_reference
-from .layout import CacheSet, PagedKVLayout, check_caches, check_queries, check_row
+from .layout import LayerSet, PagedKVLayout, check_caches, check_queries, check_row
 from .split_stats import SplitStats, split_stats
 from .window_scores import finish_scores, paged_window_scores
 
@@ -104,7 +107,7 @@ def _entropy_combine_kernel(
     tl.store(out + 1, tl.where(v_count > 0, v_total / tl.maximum(v_count, 1.0), float("nan")))
 
 
-def _launch(q, q_pos, caches: CacheSet, row, n, vis, scale, causal, group):
+def _launch(q, q_pos, caches: LayerSet, row, n, vis, scale, causal, group):
     """``[L, 2]`` per layer of the set."""
     if n == 0 or q.shape[1] == 0:  # no row or no key: NaN in both directions
         shape = (caches.num_layers, 2)
@@ -113,14 +116,14 @@ def _launch(q, q_pos, caches: CacheSet, row, n, vis, scale, causal, group):
     return finish_entropy(q_pos, caches, vis, stats)
 
 
-def finish_entropy(q_pos, caches: CacheSet, vis, stats: SplitStats) -> torch.Tensor:
+def finish_entropy(q_pos, caches: LayerSet, vis, stats: SplitStats) -> torch.Tensor:
     """Fold the entropy rows' partials (``q_pos``: their positions; they follow the
     window rows in ``stats``) into ``[L, 2]``: one program per layer."""
     device = caches.device
     out = torch.empty((caches.num_layers, 2), dtype=torch.float32, device=device)  # all written
     rows = q_pos.shape[0]
     group_rows = stats.group * rows
-    launchable(_entropy_combine_kernel, device)[(caches.num_layers,)](
+    dispatch.launchable(_entropy_combine_kernel, device)[(caches.num_layers,)](
         stats.m,
         stats.z,
         stats.t,
@@ -136,42 +139,6 @@ def finish_entropy(q_pos, caches: CacheSet, vis, stats: SplitStats) -> torch.Ten
         BLOCK_R=min(1024, triton.next_power_of_2(group_rows)),
     )
     return out
-
-
-# ---------------------------------------------------------------------- reference
-def paged_cross_modal_entropy_reference(
-    q, q_pos, cache, layout: PagedKVLayout, row, n, vis, scale=None, causal=False
-):
-    """Torch reference of :func:`paged_cross_modal_entropy` (also the CPU path)."""
-    h_kv, d = layout.num_kv_heads, layout.head_size
-    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    heads, rows, _ = q.shape
-    group = heads // h_kv
-    out = torch.full((2,), float("nan"), dtype=torch.float32, device=cache.device)
-    if n == 0 or rows == 0:
-        return out
-    k = gather_pages_reference(layout.k_view(cache), layout, row, n).float()
-    qg = q.float().reshape(h_kv, group, rows, d)
-    vis = vis[:n].bool()
-    pos = q_pos.long()
-    keys = torch.arange(n, device=cache.device)
-    sums = torch.zeros(2, dtype=torch.float64, device=cache.device)
-    counts = torch.zeros(2, dtype=torch.float64, device=cache.device)
-    chunk = max(1, (1 << 24) // max(1, heads * n))
-    for lo in range(0, rows, chunk):
-        hi = min(rows, lo + chunk)
-        row_vis = vis[pos[lo:hi]]
-        allowed = vis[None, :] != row_vis[:, None]  # [r, n]
-        if causal:
-            allowed = allowed & (keys[None, :] <= pos[lo:hi, None])
-        s = torch.einsum("hgrd,hnd->hgrn", qg[:, :, lo:hi], k) * scale
-        logp = torch.log_softmax(s.masked_fill(~allowed, float("-inf")), dim=-1)
-        ent = -torch.where(allowed, logp.exp() * logp, 0.0).sum(-1)  # [H_kv, g, r]
-        valid = allowed.any(-1)
-        for direction, rows_mask in enumerate((valid & ~row_vis, valid & row_vis)):
-            sums[direction] += ent[:, :, rows_mask].double().sum()
-            counts[direction] += float(rows_mask.sum()) * heads
-    return torch.where(counts > 0, sums / counts.clamp(min=1), float("nan")).float()
 
 
 # ---------------------------------------------------------------------- public op
@@ -193,20 +160,24 @@ def paged_cross_modal_entropy(
     ``q [H, R, D]`` sampled query rows at prompt positions ``q_pos [R]`` (in ``[0, n)``),
     ``vis [n]`` bool modality mask (True = image/video token). MEDA's ``E_l = out.sum()``.
     A sequence of ``L`` layer caches (``q [L * H, R, D]``, layer-major) gives ``[L, 2]``
-    in one pass (see ``CacheSet``).
+    in one pass (see ``LayerSet``).
     """
     caches, group, scale = _checked(q, q_pos, cache, layout, row, n, vis, scale)
-    if resolve_backend(backend, caches.device) == "torch":
+    if resolve_backend(backend, caches.device) == "torch":  # the core's own estimate
+        pos = q_pos.long()
         out = torch.stack([
-            paged_cross_modal_entropy_reference(ql, q_pos, c, layout, row, n, vis, scale, causal)
+            cross_modal_entropy_terms(
+                ql, pos, gather_pages_reference(layout.k_view(c), layout, row, n), vis,
+                scale=scale, causal=causal,
+            ).float()
             for c, ql in zip(caches.tensors, q.chunk(caches.num_layers, dim=0), strict=True)
         ])  # fmt: skip
     else:
         out = _launch(q, q_pos, caches, row, n, vis, scale, causal, group)
-    return out if caches.is_set else out[0]
+    return out if caches.is_layer_set else out[0]
 
 
-def _checked(q, q_pos, cache, layout, row, n: int, vis, scale) -> tuple[CacheSet, int, float]:
+def _checked(q, q_pos, cache, layout, row, n: int, vis, scale) -> tuple[LayerSet, int, float]:
     """Validate the arguments both public ops share; ``(caches, GQA group, scale)``."""
     caches = check_caches(cache, layout)
     check_row(row, caches.base, layout, n)
@@ -263,4 +234,4 @@ def paged_scores_and_entropy(
     stats = split_stats(q, q_pos, caches, row, n, scale, group, window_rows, vis, causal)
     scores = finish_scores(q_win, pos_win, caches, row, n, scale, stats)
     entropy = finish_entropy(pos_ent, caches, vis, stats)
-    return scores, entropy if caches.is_set else entropy[0]
+    return scores, entropy if caches.is_layer_set else entropy[0]

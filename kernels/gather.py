@@ -14,8 +14,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .dispatch import copy_tile_tokens, launchable, resolve_backend
-from .layout import CacheSet, PagedKVLayout, check_caches, check_positions, check_row
+from . import dispatch
+from .dispatch import copy_tile_tokens, resolve_backend
+from .layout import LayerSet, PagedKVLayout, check_caches, check_positions, check_row
 from .tiles import kv_offsets, page_slots
 
 
@@ -70,7 +71,7 @@ def _gather_kernel(
     tl.store(out_v_ptr + out, v, mask=mask)
 
 
-def _launch(caches: CacheSet, row, positions, num_tokens: int):
+def _launch(caches: LayerSet, row, positions, num_tokens: int):
     """``[heads, num_tokens, D]`` K and V of every head of the set (the first tokens, or
     ``positions [heads, P]``)."""
     layout, cache = caches.layout, caches.base
@@ -84,7 +85,7 @@ def _launch(caches: CacheSet, row, positions, num_tokens: int):
         positions = positions.contiguous()
     block_t = copy_tile_tokens(cache)
     grid = (triton.cdiv(num_tokens, block_t), h_kv)
-    launchable(_gather_kernel, cache.device)[grid](
+    dispatch.launchable(_gather_kernel, cache.device)[grid](
         cache,
         row,
         positions if has_pos else row,
@@ -134,7 +135,7 @@ def gather_kv_at_reference(cache, layout: PagedKVLayout, row, positions):
 
 
 # ---------------------------------------------------------------------- public ops
-def per_layer(caches: CacheSet, fn, *head_major):
+def per_layer(caches: LayerSet, fn, *head_major):
     """Run a one-layer reference ``fn(cache, *args)`` on every layer of the set, splitting
     the head-major ``[L * H_kv, ...]`` tensor arguments (a list: already one per layer);
     results (tensors or tuples of them) joined along heads."""
@@ -154,7 +155,7 @@ def gather_kv(
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """K and V of the request's first ``n`` tokens, each ``[H_kv, n, D]`` in the cache dtype
-    (``[L * H_kv, n, D]`` for a sequence of ``L`` layer caches, see ``CacheSet``)."""
+    (``[L * H_kv, n, D]`` for a sequence of ``L`` layer caches, see ``LayerSet``)."""
     caches = check_caches(cache, layout)
     check_row(row, caches.base, layout, n)
     if resolve_backend(backend, caches.device) == "torch":

@@ -108,7 +108,7 @@ class PagedKVLayout:
     # ------------------------------------------------------------------ helpers
     def k_args(self, head_offsets: torch.Tensor) -> tuple:
         """The kernels' K addressing arguments, in their parameter order
-        (``head_offsets``: :attr:`CacheSet.head_offsets`)."""
+        (``head_offsets``: :attr:`LayerSet.head_offsets`)."""
         return (
             self.block_stride,
             head_offsets,
@@ -156,7 +156,7 @@ class PagedKVLayout:
 
 # ---------------------------------------------------------------------- layer sets
 @dataclass(frozen=True)
-class CacheSet:
+class LayerSet:
     """One layer's cache, or several layers' caches of one layout, as the kernels see them:
     one cache of ``num_layers * H_kv`` heads, head ``l * H_kv + h`` being KV head ``h`` of
     ``tensors[l]``. Every op takes a tensor (one layer) or a sequence of tensors (a layer
@@ -169,7 +169,7 @@ class CacheSet:
 
     tensors: tuple[torch.Tensor, ...]
     layout: PagedKVLayout
-    is_set: bool  # given as a sequence: outputs keep a layer axis where one op has one
+    is_layer_set: bool  # given as a sequence: outputs keep a layer axis where one op has one
 
     @property
     def base(self) -> torch.Tensor:
@@ -228,15 +228,15 @@ def _head_offsets(key) -> tuple[torch.Tensor, int]:
 
 
 def same_geometry(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether two layer caches can be in one :class:`CacheSet` (with the same layout)."""
+    """Whether two layer caches can be in one :class:`LayerSet` (with the same layout)."""
     return a.dtype == b.dtype and a.device == b.device and a.shape == b.shape
 
 
-def check_caches(cache: torch.Tensor | Sequence[torch.Tensor], layout: PagedKVLayout) -> CacheSet:
+def check_caches(cache: torch.Tensor | Sequence[torch.Tensor], layout: PagedKVLayout) -> LayerSet:
     """Validate one cache tensor or a sequence of them (each one of ``layout``; all of one
-    dtype, shape and device) and return their :class:`CacheSet`."""
-    is_set = not isinstance(cache, torch.Tensor)
-    if is_set:
+    dtype, shape and device) and return their :class:`LayerSet`."""
+    is_layer_set = not isinstance(cache, torch.Tensor)
+    if is_layer_set:
         if isinstance(cache, (str, bytes)) or not isinstance(cache, Sequence) or not cache:
             raise ValueError("cache must be a torch.Tensor or a non-empty sequence of them")
         tensors = tuple(cache)
@@ -252,7 +252,7 @@ def check_caches(cache: torch.Tensor | Sequence[torch.Tensor], layout: PagedKVLa
                 f"(got {first.dtype}/{first.device}/{tuple(first.shape)} and "
                 f"{t.dtype}/{t.device}/{tuple(t.shape)})"
             )
-    return CacheSet(tensors, layout, is_set)
+    return LayerSet(tensors, layout, is_layer_set)
 
 
 # ---------------------------------------------------------------------- validation
@@ -323,7 +323,7 @@ def check_positions(
             raise ValueError(f"{name} must be strictly ascending per head")
 
 
-def check_queries(q: torch.Tensor, q_pos: torch.Tensor, caches: CacheSet, n: int) -> int:
+def check_queries(q: torch.Tensor, q_pos: torch.Tensor, caches: LayerSet, n: int) -> int:
     """Validate ``q [H, R, D]`` / ``q_pos [R]`` (positions in ``[0, n)``, checked on CPU only).
 
     ``H`` counts the query heads of every layer of the set. Returns the GQA group size

@@ -4,8 +4,8 @@
 Per KV head, every evicted position ``e`` (a position in ``[0, n)`` not in ``kept[h]``) is
 matched to ``argmax_j cos(k_e, k_kept[j])`` (ties: lowest ``j``). Since ``|k_e|`` does not
 change the argmax, the similarity computed is ``(k_e . k_j) / max(|k_j|, 1e-8)``, dot
-products accumulated in fp32 (the same in the kernel and the reference, so both pick the
-same match up to fp32 rounding of near-ties).
+products accumulated in fp32 (the formula of the core's ``merging.nearest_kept``, the torch
+path here, so both pick the same match up to fp32 rounding of near-ties).
 
 ``_match_kernel``, one program per (tile of evicted tokens, KV head): a running argmax over
 tiles of kept keys (a GEMM-shaped scan: ``E*S*D`` MACs per head, kept keys re-read from L2
@@ -20,13 +20,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .dispatch import dot_in_fp32, launchable, match_tiles, resolve_backend
-from .gather import _launch as _gather_launch
-from .gather import gather_kv_at_reference, per_layer
-from .layout import CacheSet, PagedKVLayout, check_caches, check_positions, check_row
-from .tiles import load_k_tile
+from meda_vllm.merging import NORM_EPS, evicted_positions, nearest_kept
 
-NORM_EPS = 1e-8
+from . import dispatch
+from .dispatch import dot_in_fp32, match_tiles, resolve_backend
+from .gather import _launch as _gather_launch
+from .gather import gather_pages_reference, per_layer
+from .layout import LayerSet, PagedKVLayout, check_caches, check_positions, check_row
+from .tiles import load_k_tile
 
 
 @triton.jit
@@ -94,21 +95,12 @@ def _match_kernel(
 
 
 # ---------------------------------------------------------------------- helpers
-def _evicted_positions(kept: torch.Tensor, n: int) -> torch.Tensor:
-    """``[H_kv, n - S]`` ascending positions not in ``kept`` (no host synchronisation)."""
-    h_kv, num_kept = kept.shape
-    is_kept = torch.zeros((h_kv, n), dtype=torch.int8, device=kept.device)
-    is_kept.scatter_(1, kept.long(), 1)
-    order = torch.argsort(is_kept, dim=1, stable=True)
-    return order[:, : n - num_kept]
-
-
 def _inverse_norms(kept_k: torch.Tensor) -> torch.Tensor:
-    """``1 / max(|k|, eps)`` per kept key, fp32 ``[H_kv, S]`` (shared with the reference)."""
+    """``1 / max(|k|, eps)`` per kept key, fp32 ``[H_kv, S]`` (as ``merging.nearest_kept``)."""
     return 1.0 / kept_k.float().pow(2).sum(-1).sqrt().clamp(min=NORM_EPS)
 
 
-def _launch_match(caches: CacheSet, row, kept_k, evicted):
+def _launch_match(caches: LayerSet, row, kept_k, evicted):
     cache, layout = caches.base, caches.layout
     h_kv, num_kept, _ = kept_k.shape
     num_evicted = evicted.shape[1]
@@ -120,7 +112,7 @@ def _launch_match(caches: CacheSet, row, kept_k, evicted):
     inv_norm = _inverse_norms(kept_k).contiguous()
     dot_fp32 = dot_in_fp32(cache.dtype, cache.dtype, device)
     block_e, block_s, warps = match_tiles(dot_fp32, device)
-    launchable(_match_kernel, device)[(triton.cdiv(num_evicted, block_e), h_kv)](
+    dispatch.launchable(_match_kernel, device)[(triton.cdiv(num_evicted, block_e), h_kv)](
         cache,
         row,
         kept_k,
@@ -142,28 +134,15 @@ def _launch_match(caches: CacheSet, row, kept_k, evicted):
     return match
 
 
-# ---------------------------------------------------------------------- reference
-def merge_match_reference(cache, layout: PagedKVLayout, row, n, kept):
-    """``(evicted [H_kv, n-S], match [H_kv, n-S])``: target kept index of every evicted token."""
-    evicted = _evicted_positions(kept, n)
-    h_kv, num_evicted = evicted.shape
-    match = torch.zeros((h_kv, num_evicted), dtype=torch.int64, device=cache.device)
-    if num_evicted == 0:
-        return evicted, match
-    kept_k = gather_kv_at_reference(cache, layout, row, kept)[0]  # [H, S, D]
-    inv_norm = _inverse_norms(kept_k)
-    kept_k = kept_k.float()
-    chunk = max(1, (1 << 24) // max(1, h_kv * kept.shape[1]))
-    for lo in range(0, num_evicted, chunk):
-        hi = min(num_evicted, lo + chunk)
-        k_ev = gather_kv_at_reference(cache, layout, row, evicted[:, lo:hi])[0].float()
-        sim = torch.bmm(k_ev, kept_k.transpose(1, 2)) * inv_norm[:, None, :]
-        match[:, lo:hi] = sim.argmax(dim=-1)  # first maximum on ties
-    return evicted, match
-
-
 # ---------------------------------------------------------------------- public op
-def _check(cache, layout, row, n, kept) -> CacheSet:
+def _core_match(cache, layout: PagedKVLayout, row, n: int, kept):
+    """``merge_match`` of one layer by the core (``merging.nearest_kept``) on gathered K."""
+    evicted = evicted_positions(kept, n)
+    keys = gather_pages_reference(layout.k_view(cache), layout, row, n)
+    return evicted, nearest_kept(keys, kept.long(), evicted)
+
+
+def _check(cache, layout, row, n, kept) -> LayerSet:
     caches = check_caches(cache, layout)
     check_row(row, caches.base, layout, n)
     check_positions(kept, "kept", caches.num_heads, n, caches.device)
@@ -186,9 +165,9 @@ def merge_match(
     """``(evicted [H_kv, n-S] positions, match [H_kv, n-S] int64 index into kept)``
     (layer sets: ``[L * H_kv, ...]``)."""
     caches = _check(cache, layout, row, n, kept)
-    if resolve_backend(backend, caches.device) == "torch":
-        return per_layer(caches, lambda c, k: merge_match_reference(c, layout, row, n, k), kept)
+    if resolve_backend(backend, caches.device) == "torch":  # the core's own match
+        return per_layer(caches, lambda c, k: _core_match(c, layout, row, n, k), kept)
     kept = kept.contiguous()
-    evicted = _evicted_positions(kept, n)
+    evicted = evicted_positions(kept, n)
     kept_k = _gather_launch(caches, row, kept, kept.shape[1])[0]
     return evicted, _launch_match(caches, row, kept_k, evicted).long()

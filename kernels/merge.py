@@ -3,15 +3,15 @@
 Per KV head, every evicted position ``e`` (a position in ``[0, n)`` not in ``kept[h]``) is
 matched to ``argmax_j cos(k_e, k_kept[j])`` (ties: lowest ``j``). Since ``|k_e|`` does not
 change the argmax, the similarity computed is ``(k_e . k_j) / max(|k_j|, 1e-8)``, dot
-products accumulated in fp32 (the same in the kernel and the reference, so both pick the
-same match up to fp32 rounding of near-ties). Then
+products accumulated in fp32 (as the core's ``merging.nearest_kept``). Then
 
 * ``average``:  x_new[j] = (x_j + sum_{e -> j} x_e) / (1 + count_j)
 * ``weighted``: x_new[j] = (s_j x_j + sum s_e x_e) / (s_j + sum s_e), ``s = scores``
   (non-negative attention scores); a group whose weights are all 0 falls back to average,
 
 for K and V alike, accumulated in fp32, returned in the cache dtype. A kept token with
-nothing matched is returned bit-exactly.
+nothing matched is returned bit-exactly. The torch path is the core's
+``merging.merge_into_kept``.
 
 Steps:
 
@@ -31,11 +31,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .dispatch import launchable, resolve_backend
+from meda_vllm.merging import evicted_positions, merge_into_kept
+
+from . import dispatch
+from .dispatch import resolve_backend
 from .gather import _launch as _gather_launch
-from .gather import gather_kv_at_reference, per_layer
-from .layout import CacheSet, PagedKVLayout
-from .match import _check, _evicted_positions, _launch_match, merge_match_reference
+from .gather import gather_kv_reference, per_layer
+from .layout import LayerSet, PagedKVLayout
+from .match import _check, _core_match, _launch_match
 from .tiles import kv_offsets, page_slots
 
 MERGE_MODES = ("average", "weighted")
@@ -151,7 +154,7 @@ def _segments(match: torch.Tensor, evicted: torch.Tensor, num_kept: int):
     return sorted_pos.contiguous(), starts, counts
 
 
-def _launch(caches: CacheSet, row, n, kept, mode, scores):
+def _launch(caches: LayerSet, row, n, kept, mode, scores):
     cache, layout = caches.base, caches.layout
     h_kv, num_kept = kept.shape
     d = layout.head_size
@@ -160,7 +163,7 @@ def _launch(caches: CacheSet, row, n, kept, mode, scores):
     kept_k, kept_v = _gather_launch(caches, row, kept, num_kept)  # dense [H_kv, S, D]
     if num_kept == 0 or num_kept == n:
         return kept_k, kept_v
-    evicted = _evicted_positions(kept, n)
+    evicted = evicted_positions(kept, n)
     match = _launch_match(caches, row, kept_k, evicted)
     sorted_pos, starts, counts = _segments(match, evicted, num_kept)
     weighted = mode == "weighted"
@@ -170,7 +173,7 @@ def _launch(caches: CacheSet, row, n, kept, mode, scores):
             scores = scores.contiguous()
     out_k = torch.empty_like(kept_k)
     out_v = torch.empty_like(kept_v)
-    launchable(_accumulate_kernel, device)[(num_kept, h_kv)](
+    dispatch.launchable(_accumulate_kernel, device)[(num_kept, h_kv)](
         cache,
         row,
         kept,
@@ -198,48 +201,15 @@ def _launch(caches: CacheSet, row, n, kept, mode, scores):
     return out_k, out_v
 
 
-# ---------------------------------------------------------------------- references
-def paged_merge_reference(
-    cache, layout: PagedKVLayout, row, n, kept, mode="average", scores=None, *, matched=None
-):
-    """Torch reference of :func:`paged_merge` (also the CPU path).
-
-    ``matched``: ``merge_match_reference``'s ``(evicted, match)`` for these arguments, when
-    the caller has it already (the match is the expensive part: ``E x S`` dot products).
-    """
-    h_kv, num_kept = kept.shape
-    x_k, x_v = gather_kv_at_reference(cache, layout, row, kept)
-    if num_kept == 0 or num_kept == n:
-        return x_k.clone(), x_v.clone()
-    if matched is None:
-        matched = merge_match_reference(cache, layout, row, n, kept)
-    evicted, match = matched
-    e_k, e_v = gather_kv_at_reference(cache, layout, row, evicted)
-    d = layout.head_size
-    target = (match + torch.arange(h_kv, device=cache.device)[:, None] * num_kept).flatten()
-    counts = torch.zeros(h_kv * num_kept, device=cache.device)
-    counts.index_add_(0, target, torch.ones_like(target, dtype=torch.float32))
-    counts = counts.view(h_kv, num_kept, 1)
-    outs = []
-    for x, e in ((x_k, e_k), (x_v, e_v)):
-        x, e = x.float(), e.float()
-        summed = torch.zeros(h_kv * num_kept, d, device=cache.device)
-        summed.index_add_(0, target, e.reshape(-1, d))
-        new = (x + summed.view(h_kv, num_kept, d)) / (1.0 + counts)
-        if mode == "weighted":
-            s = scores.float()
-            w_kept = torch.gather(s, 1, kept.long())[..., None]
-            w_ev = torch.gather(s, 1, evicted)
-            w_total = torch.zeros(h_kv * num_kept, device=cache.device)
-            w_total.index_add_(0, target, w_ev.flatten())
-            w_sum = torch.zeros(h_kv * num_kept, d, device=cache.device)
-            w_sum.index_add_(0, target, (e * w_ev[..., None]).reshape(-1, d))
-            den = w_kept + w_total.view(h_kv, num_kept, 1)
-            weighted = (w_kept * x + w_sum.view(h_kv, num_kept, d)) / den.clamp(min=1e-30)
-            new = torch.where(den > 0, weighted, new)
-        new = torch.where(counts > 0, new, x)
-        outs.append(new.to(cache.dtype))
-    return outs[0], outs[1]
+def _core_merge(cache, layout: PagedKVLayout, row, n: int, kept, scores):
+    """``paged_merge`` of one layer by the core (``merging.merge_into_kept``) on gathered K, V."""
+    keys, values = gather_kv_reference(cache, layout, row, n)
+    kept = kept.long()
+    if kept.shape[1] in (0, n):
+        heads = torch.arange(kept.shape[0], device=kept.device)[:, None]
+        return keys[heads, kept], values[heads, kept]
+    evicted, match = _core_match(cache, layout, row, n, kept)
+    return merge_into_kept(keys, values, kept, evicted, match, scores)
 
 
 # ---------------------------------------------------------------------- public ops
@@ -275,10 +245,10 @@ def paged_merge(
             raise ValueError(f"scores must be a float [{heads}, {n}] tensor")
         if scores.device != caches.device:
             raise ValueError(f"scores is on {scores.device} but cache is on {caches.device}")
-    if resolve_backend(backend, caches.device) == "torch":
+    if resolve_backend(backend, caches.device) == "torch":  # the core's own merge
         return per_layer(
             caches,
-            lambda c, k, s: paged_merge_reference(c, layout, row, n, k, mode, s),
+            lambda c, k, s: _core_merge(c, layout, row, n, k, s if mode == "weighted" else None),
             kept,
             scores if scores is not None else [None] * caches.num_layers,
         )

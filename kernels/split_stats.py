@@ -24,8 +24,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .dispatch import dot_in_fp32, dot_tiles, launchable, plan_splits
-from .layout import CacheSet
+from . import dispatch
+from .dispatch import dot_in_fp32, dot_tiles, plan_splits
+from .layout import LayerSet
 from .tiles import load_k_tile, load_query_rows
 
 LOG2E = 1.4426950408889634
@@ -176,7 +177,7 @@ class SplitStats:
 def split_stats(
     q: torch.Tensor,
     q_pos: torch.Tensor,
-    caches: CacheSet,
+    caches: LayerSet,
     row: torch.Tensor,
     n: int,
     scale: float,
@@ -207,7 +208,7 @@ def split_stats(
     m = torch.empty((h_kv, splits, group * rows), dtype=torch.float32, device=device)
     z = torch.empty_like(m)
     t = torch.empty_like(m) if has_vis else None
-    launchable(_split_stats_kernel, device)[(row_blocks, splits, h_kv)](
+    dispatch.launchable(_split_stats_kernel, device)[(row_blocks, splits, h_kv)](
         q,
         q_pos,
         vis.view(torch.uint8) if has_vis else m,  # bool mask; not read without entropy rows

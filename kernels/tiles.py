@@ -24,9 +24,9 @@ def page_slots(
 ):
     """``(base, slot)`` of tokens ``tok`` of KV head ``head``: the element offset of their
     page and head (``row[tok // bs] * block_stride + head_offsets[head]``; ``head`` indexes
-    a ``CacheSet``'s heads, so it may be a head of another layer's cache) and the slot in
+    a ``LayerSet``'s heads, so it may be a head of another layer's cache) and the slot in
     the page (``tok % bs``). ``HEAD_ALIGN``: a divisor of every head offset
-    (``CacheSet.head_align``), so that the compiler still knows the row starts' alignment
+    (``LayerSet.head_align``), so that the compiler still knows the row starts' alignment
     and vectorises the loads along the head dimension (as it did for an int head stride:
     without it, scalar loads spilled registers)."""
     page = tl.load(row_ptr + tok // BLOCK_SIZE, mask=mask, other=0).to(tl.int64)

@@ -25,9 +25,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .dispatch import dot_in_fp32, dot_tiles, launchable, resolve_backend
+from meda_vllm.selection import attention_column_sums
+
+from . import dispatch
+from .dispatch import dot_in_fp32, dot_tiles, resolve_backend
 from .gather import gather_pages_reference, per_layer
-from .layout import CacheSet, PagedKVLayout, check_caches, check_queries, check_row
+from .layout import LayerSet, PagedKVLayout, check_caches, check_queries, check_row
 from .split_stats import LOG2E, SplitStats, split_stats
 from .tiles import load_k_tile, load_query_rows
 
@@ -123,14 +126,14 @@ def _scores_kernel(
     tl.store(out_ptr + kv_head.to(tl.int64) * n + keys, acc * inv_group, mask=mask_n)
 
 
-def _launch(q, q_pos, caches: CacheSet, row, n: int, scale: float, group: int):
+def _launch(q, q_pos, caches: LayerSet, row, n: int, scale: float, group: int):
     if n == 0 or q.shape[1] == 0:
         return torch.zeros((caches.num_heads, n), dtype=torch.float32, device=caches.device)
     stats = split_stats(q, q_pos, caches, row, n, scale, group, window_rows=q.shape[1])
     return finish_scores(q, q_pos, caches, row, n, scale, stats)
 
 
-def finish_scores(q, q_pos, caches: CacheSet, row, n: int, scale: float, stats: SplitStats):
+def finish_scores(q, q_pos, caches: LayerSet, row, n: int, scale: float, stats: SplitStats):
     """Passes 2-3 over ``q``/``q_pos`` (the window rows, first in ``stats``): fold the
     chunks into ``lse``, then sum the probabilities per key: ``[H_kv, n]``."""
     cache, layout = caches.base, caches.layout
@@ -141,7 +144,7 @@ def finish_scores(q, q_pos, caches: CacheSet, row, n: int, scale: float, stats: 
     group_rows = group * rows
     lse = torch.empty((h_kv, group_rows), dtype=torch.float32, device=device)
     block_c = min(1024, triton.next_power_of_2(group_rows))
-    launchable(_lse_kernel, device)[(h_kv, triton.cdiv(group_rows, block_c))](
+    dispatch.launchable(_lse_kernel, device)[(h_kv, triton.cdiv(group_rows, block_c))](
         stats.m, stats.z, lse, group_rows, stats.stats_rows, stats.splits, BLOCK_R=block_c
     )
     dot_fp32 = dot_in_fp32(q.dtype, cache.dtype, device)
@@ -151,7 +154,7 @@ def finish_scores(q, q_pos, caches: CacheSet, row, n: int, scale: float, stats: 
     # in a 32-key tile); the statistics pass streams many key tiles per load instead.
     # 64 keys: 2x less Q traffic than 32 and no register spills; 128 needs ~220 registers.
     block_n_scores = block_n if dot_fp32 else max(block_n, 64)
-    launchable(_scores_kernel, device)[(triton.cdiv(n, block_n_scores), h_kv)](
+    dispatch.launchable(_scores_kernel, device)[(triton.cdiv(n, block_n_scores), h_kv)](
         q,
         q_pos,
         cache,
@@ -178,34 +181,6 @@ def finish_scores(q, q_pos, caches: CacheSet, row, n: int, scale: float, stats: 
     return out
 
 
-# ---------------------------------------------------------------------- reference
-def paged_window_scores_reference(
-    q, q_pos, cache, layout: PagedKVLayout, row, n: int, scale: float | None = None
-):
-    """Torch reference of :func:`paged_window_scores` (also the CPU path).
-
-    Materialises at most ``~2^24`` probabilities at a time (row chunks).
-    """
-    h_kv, d = layout.num_kv_heads, layout.head_size
-    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    heads, rows, _ = q.shape
-    group = heads // h_kv
-    out = torch.zeros((h_kv, n), dtype=torch.float32, device=cache.device)
-    if n == 0 or rows == 0:
-        return out
-    k = gather_pages_reference(layout.k_view(cache), layout, row, n).float()  # [H_kv, n, D]
-    qg = q.float().reshape(h_kv, group, rows, d)
-    keys = torch.arange(n, device=cache.device)
-    chunk = max(1, (1 << 24) // max(1, heads * n))
-    for lo in range(0, rows, chunk):
-        hi = min(rows, lo + chunk)
-        s = torch.einsum("hgrd,hnd->hgrn", qg[:, :, lo:hi], k) * scale
-        hidden = keys[None, :] > q_pos[lo:hi, None].long()
-        s = s.masked_fill(hidden, float("-inf"))
-        out += torch.softmax(s, dim=-1).nan_to_num(0.0).sum(dim=(1, 2))
-    return out / group
-
-
 # ---------------------------------------------------------------------- public op
 def paged_window_scores(
     q: torch.Tensor,
@@ -223,16 +198,18 @@ def paged_window_scores(
     ``q [H, R, D]`` are the window's query rows (post-RoPE), ``q_pos [R]`` their prompt
     positions (ascending, in ``[0, n)``); ``scale`` defaults to ``1/sqrt(D)``. A sequence of
     ``L`` layer caches scores all layers in one pass: ``q [L * H, R, D]`` (layer-major),
-    output ``[L * H_kv, n]`` (see ``CacheSet``).
+    output ``[L * H_kv, n]`` (see ``LayerSet``).
     """
     caches = check_caches(cache, layout)
     check_row(row, caches.base, layout, n)
     group = check_queries(q, q_pos, caches, n)
     scale = 1.0 / math.sqrt(layout.head_size) if scale is None else float(scale)
-    if resolve_backend(backend, caches.device) == "torch":
+    if resolve_backend(backend, caches.device) == "torch":  # the core's own column sums
         return per_layer(
             caches,
-            lambda c, ql: paged_window_scores_reference(ql, q_pos, c, layout, row, n, scale),
+            lambda c, ql: attention_column_sums(
+                ql, q_pos.long(), gather_pages_reference(layout.k_view(c), layout, row, n), scale
+            ),
             list(q.chunk(caches.num_layers, dim=0)),
         )
     return _launch(q, q_pos, caches, row, n, scale, group)

@@ -42,11 +42,6 @@ def required_query_positions(cfg: KVPolicyConfig, n: int, vis: Tensor | None) ->
     return policy.query_positions(n, vis).long()
 
 
-def score_rows(cfg: KVPolicyConfig, n: int) -> int:
-    """How many of the last prompt queries ``LayerView.window_scores`` must sum over."""
-    return cfg.policy.score_rows(n)
-
-
 def compress(
     get_view: Callable[[int], LayerView],
     num_layers: int,
@@ -54,6 +49,7 @@ def compress(
     n_tokens: int,
     *,
     pad_to: int | Literal["max"] | None = None,
+    groups: Sequence[int] | None = None,
     layer_set: Callable[[], LayerView] | None = None,
     chunked: Callable[[int], Sequence[tuple[int, int, Callable[[], LayerView]]]] | None = None,
 ) -> CompressionPlan | None:
@@ -65,10 +61,16 @@ def compress(
     ``min(P, N)`` and must be at least the largest layer budget. Padding adds the next
     best positions by the layer's own ranking; ``LayerPlan.budget`` stays ``S_l``.
 
+    ``groups``: one group id per layer (the engine's KV cache groups, ``kv_layer_groups``):
+    with ``pad_to="max"`` each group's layers are topped up to the group's largest budget
+    instead of all layers' (each group holds its own physical length). With more than one
+    group, ``layer_set`` and ``chunked`` must be None (they assume one physical length).
+
     ``layer_set()``: one view of all layers (heads layer-major, ``H_kv = L * H_kv``), used
     for selection and merging when every layer keeps the same physical length (padding)
-    and the policy is ``stackable``; the plan then carries it as ``CompressionPlan.stacked``
-    and its per-layer plans are views of it. The result equals the per-layer plan.
+    and the policy ``takes_layer_sets``; the plan then carries it as
+    ``CompressionPlan.layer_set`` and its per-layer plans are views of it. The result
+    equals the per-layer plan.
 
     ``chunked(P)``: instead of one layer set, chunks ``(lo, hi, view of layers lo..hi-1)``
     for physical length ``P`` (a bounded workspace, ``paged_view``). Budgets then come from
@@ -92,12 +94,17 @@ def compress(
             raise ValueError(f"layer {layer} view has {view.N} tokens, expected {n}")
         return view
 
+    if groups is not None:
+        if len(groups) != num_layers:
+            raise ValueError(f"groups names {len(groups)} layers, expected {num_layers}")
+        if len(set(groups)) > 1 and (layer_set is not None or chunked is not None):
+            raise ValueError("layer_set and chunked need one physical length (one group)")
     if chunked is not None:
         layer_set = None  # the chunks replace the one layer set
-        if not policy.stackable:
+        if not policy.takes_layer_sets:
             chunked = None  # layer by layer
     set_view = None
-    if layer_set is not None and policy.stackable:
+    if layer_set is not None and policy.takes_layer_sets:
         set_view = layer_set()
         h_kv, set_n, _ = set_view.kv_shape
         if set_n != n or h_kv % num_layers != 0:
@@ -116,8 +123,12 @@ def compress(
     if all(b >= n for b in budgets):
         return None
     physical = _physical_length(pad_to, budgets, n)
+    per_layer = [max(physical, b) for b in budgets]
+    if groups is not None and pad_to == "max":
+        top = {g: max(b for b, h in zip(budgets, groups, strict=True) if h == g) for g in groups}
+        per_layer = [top[g] for g in groups]
 
-    stacked = chunks = None
+    set_plan = chunks = None
     if chunked is not None and max(budgets) <= physical < n:
         chunks, layers = [], []
         for lo, hi, get_set in chunked(physical):
@@ -130,11 +141,11 @@ def compress(
                 for kept, b in zip(part.kept.chunk(hi - lo, dim=0), budgets[lo:hi], strict=True)
             ]
     elif set_view is not None and max(budgets) <= physical < n:
-        stacked = _plan_layer(policy, set_view, budgets, physical)
+        set_plan = _plan_layer(policy, set_view, budgets, physical)
         layers = [
             LayerPlan(kept=kept, keys=keys, values=values, budget=b)
             for kept, keys, values, b in zip(
-                *(_split(t, num_layers) for t in (stacked.kept, stacked.keys, stacked.values)),
+                *(_split(t, num_layers) for t in (set_plan.kept, set_plan.keys, set_plan.values)),
                 budgets,
                 strict=True,
             )
@@ -143,7 +154,7 @@ def compress(
         layers = []
         for layer in range(num_layers):
             view = checked_view(layer)
-            layers.append(_plan_layer(policy, view, budgets[layer], max(physical, budgets[layer])))
+            layers.append(_plan_layer(policy, view, budgets[layer], per_layer[layer]))
     return CompressionPlan(
         layers=layers,
         n_tokens=n,
@@ -151,7 +162,7 @@ def compress(
         fallback=alloc.fallback,
         entropy=alloc.entropy,
         layer_budgets=budgets,
-        stacked=stacked,
+        layer_set=set_plan,
         chunks=chunks,
     )
 

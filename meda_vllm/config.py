@@ -45,10 +45,11 @@ _ALLOWED: dict[str, str] = {
     "kv_merge": "one of " + ", ".join(MERGE_MODES) + " (or unset for the policy's default)",
     "kv_min_tokens_per_layer": "an integer >= 1",
     "kv_workspace_bytes": "0 (auto) or an integer >= 1048576 (1 MiB)",
+    "kv_layer_groups": "an integer >= 1 that divides the model's number of layers",
 }
 
 #: Settings of the whole server: a request cannot override them (``merged`` refuses).
-SERVER_ONLY: frozenset[str] = frozenset({"kv_workspace_bytes"})
+SERVER_ONLY: frozenset[str] = frozenset({"kv_workspace_bytes", "kv_layer_groups"})
 
 #: The smallest explicit ``kv_workspace_bytes`` (below it nothing useful fits).
 MIN_WORKSPACE_BYTES = 1 << 20
@@ -57,6 +58,7 @@ _INT_RANGES: dict[str, tuple[int, int | None]] = {
     "kv_window": (1, None),
     "kv_pool_kernel": (1, 63),
     "kv_min_tokens_per_layer": (1, None),
+    "kv_layer_groups": (1, None),
 }
 
 
@@ -81,6 +83,9 @@ class KVPolicyConfig(BaseModel):
     # Device memory set aside at engine start for one request's compression (plan, merge,
     # compaction); 0 = auto: enough for one layer at max_model_len (meda_vllm.workspace).
     kv_workspace_bytes: int = 0
+    # KV cache groups the layers are split into (contiguous, equal sizes); each group holds
+    # its own physical length, the largest kept length of its layers (docs/INTEGRATION.md).
+    kv_layer_groups: int = 1
 
     def __init__(self, **data: Any) -> None:
         try:

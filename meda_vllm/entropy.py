@@ -64,7 +64,7 @@ def _mean_row_entropy(
     return total / rows
 
 
-def cross_modal_entropy(
+def cross_modal_entropy_terms(
     queries: Tensor,
     query_pos: Tensor,
     keys: Tensor,
@@ -72,11 +72,13 @@ def cross_modal_entropy(
     *,
     scale: float | None = None,
     causal: bool = False,
-) -> float:
-    """Cross-modal entropy from the given query rows (``[H, R, D]`` at ``query_pos``).
+) -> Tensor:
+    """``[2]`` float64: the text->visual and visual->text mean row entropies, each averaged
+    over query heads, from the given query rows (``[H, R, D]`` at ``query_pos``); a term is
+    NaN when it has no row or no key (text-only or vision-only input).
 
-    Rows at text positions feed ``A_TV``, rows at visual positions feed ``A_VT``. Returns
-    NaN when either term has no row or no key (text-only or vision-only input).
+    Rows at text positions feed ``A_TV``, rows at visual positions feed ``A_VT``. Also the
+    torch path of the paged kernel (``kernels.paged_cross_modal_entropy``).
     """
     h = queries.shape[0]
     h_kv, n, d = keys.shape
@@ -87,17 +89,30 @@ def cross_modal_entropy(
     row_vis = vis[query_pos]
     t_rows, v_rows = (~row_vis).nonzero().squeeze(1), row_vis.nonzero().squeeze(1)
     v_keys, t_keys = positions[vis], positions[~vis]
-    per_head = []
+    how = (scale, causal)
+    e_tv, e_vt = [], []
     for kv in range(h_kv):
         q = queries[kv * group : (kv + 1) * group]
-        e_tv = _mean_row_entropy(
-            q[:, t_rows], query_pos[t_rows], keys[kv, v_keys], v_keys, scale, causal
-        )
-        e_vt = _mean_row_entropy(
-            q[:, v_rows], query_pos[v_rows], keys[kv, t_keys], t_keys, scale, causal
-        )
-        per_head.append(e_tv + e_vt)
-    return float(torch.cat(per_head).mean())
+        k = keys[kv]
+        e_tv.append(_mean_row_entropy(q[:, t_rows], query_pos[t_rows], k[v_keys], v_keys, *how))
+        e_vt.append(_mean_row_entropy(q[:, v_rows], query_pos[v_rows], k[t_keys], t_keys, *how))
+    return torch.stack([torch.cat(e_tv).mean(), torch.cat(e_vt).mean()])
+
+
+def cross_modal_entropy(
+    queries: Tensor,
+    query_pos: Tensor,
+    keys: Tensor,
+    vis: Tensor,
+    *,
+    scale: float | None = None,
+    causal: bool = False,
+) -> float:
+    """Cross-modal entropy from the given query rows: the sum of
+    :func:`cross_modal_entropy_terms` (NaN if either term is)."""
+    return float(
+        cross_modal_entropy_terms(queries, query_pos, keys, vis, scale=scale, causal=causal).sum()
+    )
 
 
 def cross_modal_entropy_exact(

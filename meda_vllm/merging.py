@@ -11,16 +11,22 @@ count. The similarity matrix is ``evicted x kept``, chunked over evicted rows: c
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 _MAX_ELEMS = 1 << 24
 _WEIGHT_FLOOR = 1e-6
 
 
+#: floor of a kept key's norm in the similarity (as the paged match kernel)
+NORM_EPS = 1e-8
+
+
 def nearest_kept(keys: Tensor, kept: Tensor, evicted: Tensor) -> Tensor:
     """``[H_kv, E]``: for each evicted position, the index (into ``kept``) of the most
-    cosine-similar kept key of the same head."""
+    cosine-similar kept key of the same head (first maximum on ties).
+
+    ``|k_e|`` does not change the argmax, so the similarity is ``(k_e . k_j) / max(|k_j|,
+    1e-8)`` in fp32, the formula of the paged match kernel (``kernels/match.py``)."""
     h_kv = keys.shape[0]
     e = evicted.shape[1]
     s = kept.shape[1]
@@ -29,11 +35,12 @@ def nearest_kept(keys: Tensor, kept: Tensor, evicted: Tensor) -> Tensor:
         return out
     chunk = max(1, _MAX_ELEMS // max(1, s))
     for h in range(h_kv):
-        k_kept = F.normalize(keys[h, kept[h]].float(), dim=-1)  # [S, D]
+        k_kept = keys[h, kept[h]].float()  # [S, D]
+        inv_norm = 1.0 / k_kept.pow(2).sum(-1).sqrt().clamp(min=NORM_EPS)
         for start in range(0, e, chunk):
             stop = min(e, start + chunk)
-            k_ev = F.normalize(keys[h, evicted[h, start:stop]].float(), dim=-1)
-            out[h, start:stop] = torch.matmul(k_ev, k_kept.t()).argmax(dim=-1)
+            k_ev = keys[h, evicted[h, start:stop]].float()
+            out[h, start:stop] = (torch.matmul(k_ev, k_kept.t()) * inv_norm).argmax(dim=-1)
     return out
 
 
@@ -44,11 +51,56 @@ def merge_weights(weights: Tensor) -> Tensor:
 
 
 def evicted_positions(kept: Tensor, n: int) -> Tensor:
-    """``[H_kv, N - S]`` ascending positions not in ``kept``."""
-    h_kv = kept.shape[0]
-    mask = torch.ones(h_kv, n, dtype=torch.bool, device=kept.device)
-    mask.scatter_(1, kept, False)
-    return mask.nonzero()[:, 1].view(h_kv, n - kept.shape[1])
+    """``[H_kv, N - S]`` ascending positions not in ``kept`` (no host synchronisation)."""
+    h_kv, num_kept = kept.shape
+    is_kept = torch.zeros((h_kv, n), dtype=torch.int8, device=kept.device)
+    is_kept.scatter_(1, kept.long(), 1)
+    return torch.argsort(is_kept, dim=1, stable=True)[:, : n - num_kept]
+
+
+def merge_into_kept(
+    keys: Tensor,
+    values: Tensor,
+    kept: Tensor,
+    evicted: Tensor,
+    target: Tensor,
+    weights: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Merged ``[H_kv, S, D]`` keys and values of the ``kept`` slots, in the input dtype:
+    ``x_new[j] = (w_j x_j + sum_{e -> j} w_e x_e) / (w_j + sum_{e -> j} w_e)``, accumulated in
+    fp32, with ``w = 1`` without ``weights [H_kv, N]`` (non-negative; a group whose weights
+    are all 0 is averaged). ``target [H_kv, E]``: the kept index each ``evicted`` position
+    merges into. A kept entry that nothing merges into is returned as it is. Also the
+    torch path of the paged kernel (``kernels.paged_merge``)."""
+    h_kv, num_kept = kept.shape
+    d = keys.shape[-1]
+    device = keys.device
+    heads = torch.arange(h_kv, device=device)[:, None]
+    flat = (target + heads * num_kept).flatten()
+    counts = torch.zeros(h_kv * num_kept, device=device)
+    counts.index_add_(0, flat, torch.ones_like(flat, dtype=torch.float32))
+    counts = counts.view(h_kv, num_kept, 1)
+    if weights is not None:
+        w = weights.float()
+        w_kept = w.gather(1, kept.long())[..., None]
+        w_ev = w.gather(1, evicted.long())
+        w_total = torch.zeros(h_kv * num_kept, device=device)
+        w_total.index_add_(0, flat, w_ev.flatten())
+        den = w_kept + w_total.view(h_kv, num_kept, 1)
+    out = []
+    for tensor in (keys, values):
+        x = tensor[heads, kept.long()].float()  # [H_kv, S, D]
+        e = tensor[heads, evicted.long()].float()  # [H_kv, E, D]
+        summed = torch.zeros(h_kv * num_kept, d, device=device)
+        summed.index_add_(0, flat, e.reshape(-1, d))
+        new = (x + summed.view(h_kv, num_kept, d)) / (1.0 + counts)
+        if weights is not None:
+            w_sum = torch.zeros(h_kv * num_kept, d, device=device)
+            w_sum.index_add_(0, flat, (e * w_ev[..., None]).reshape(-1, d))
+            weighted = (w_kept * x + w_sum.view(h_kv, num_kept, d)) / den.clamp(min=1e-30)
+            new = torch.where(den > 0, weighted, new)
+        out.append(torch.where(counts > 0, new, x).to(tensor.dtype))
+    return out[0], out[1]
 
 
 def merge_evicted(
@@ -66,25 +118,12 @@ def merge_evicted(
         return None, None
     if mode not in ("average", "weighted"):
         raise ValueError(f"merge must be one of none, average, weighted (got {mode!r})")
-    h_kv, n, d = keys.shape
-    s = kept.shape[1]
-    if s >= n:
+    n = keys.shape[1]
+    if kept.shape[1] >= n:
         return None, None
+    if mode == "weighted" and weights is None:
+        raise ValueError("weighted merging needs attention scores")
     evicted = evicted_positions(kept, n)
     target = nearest_kept(keys, kept, evicted)  # [H_kv, E]
-    if mode == "weighted":
-        if weights is None:
-            raise ValueError("weighted merging needs attention scores")
-        w = merge_weights(weights)
-        w_kept, w_ev = w.gather(1, kept), w.gather(1, evicted)
-    else:
-        w_kept = torch.ones(h_kv, s, device=keys.device)
-        w_ev = torch.ones(h_kv, evicted.shape[1], device=keys.device)
-    out = []
-    for tensor in (keys, values):
-        acc = tensor.float().gather(1, kept[..., None].expand(h_kv, s, d)) * w_kept[..., None]
-        ev = tensor.float().gather(1, evicted[..., None].expand(-1, -1, d)) * w_ev[..., None]
-        acc.scatter_add_(1, target[..., None].expand(-1, -1, d), ev)
-        norm = w_kept.clone().scatter_add_(1, target, w_ev)
-        out.append((acc / norm[..., None]).to(tensor.dtype))
-    return out[0], out[1]
+    w = merge_weights(weights) if mode == "weighted" else None
+    return merge_into_kept(keys, values, kept, evicted, target, w)

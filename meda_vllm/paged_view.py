@@ -9,7 +9,7 @@ merging). With ``fast=False`` (the CPU production path) K and V are gathered onc
 dense tensors and the core computes everything from them with plain torch.
 
 Layer sets (fast path, every layer with one layout): the kernels take all layers' caches
-at once (``meda_vllm.kernels.CacheSet``), so window scores and MEDA's entropies are
+at once (``meda_vllm.kernels.LayerSet``), so window scores and MEDA's entropies are
 computed for all layers in one launch each and shared by the per-layer views, and
 selection, merging and compaction run once over a view that stacks every layer's heads
 (``compress(layer_set=...)``): a constant number of launches per request instead of a
@@ -29,12 +29,12 @@ from meda_vllm.config import KVPolicyConfig
 from meda_vllm.kernels import (
     PagedKVLayout,
     compact_,
+    dispatch,
     gather_kv,
     paged_merge,
     paged_scores_and_entropy,
     paged_window_scores,
 )
-from meda_vllm.kernels.dispatch import num_sms
 from meda_vllm.kernels.layout import same_geometry
 from meda_vllm.merging import merge_weights
 from meda_vllm.selection import rows_for_positions
@@ -65,7 +65,7 @@ def paged_layer_view(
     layer-major, ``queries [L * H, R, D]``).
 
     ``queries [H, R, D]`` captured rows at ``query_pos [R]``. Fast path only:
-    ``score_sel`` indexes the rows the window scores sum over (``compress.score_rows``);
+    ``score_sel`` indexes the rows the window scores sum over (``Policy.score_rows``);
     ``entropy_sel`` the rows of MEDA's entropy sample (None: no entropy override);
     ``scores``/``entropy``: callables that provide them instead (shared computations).
     """
@@ -123,7 +123,7 @@ def paged_layer_view(
 def plan_paged_request(
     caches: Sequence[Tensor],
     layouts: Sequence[PagedKVLayout],
-    row: Tensor,
+    row: Tensor | Sequence[Tensor],
     n: int,
     query_rows: Callable[[int], Tensor],
     query_pos: Tensor,
@@ -133,6 +133,7 @@ def plan_paged_request(
     fast: bool,
     layer_sets: bool = True,
     workspace: int | None = None,
+    groups: Sequence[int] | None = None,
 ) -> CompressionPlan | None:
     """Plan one request's compression straight from its pages (what the worker runs).
 
@@ -144,6 +145,11 @@ def plan_paged_request(
     ``layer_sets``: on the fast path, treat all layers as one set when they share a
     layout (the default; False plans layer by layer, the same plan with more launches).
 
+    ``groups``: the KV cache group of each layer (``kv_layer_groups`` > 1); ``row`` is then
+    one block-table row per layer (its group's), and each group keeps its own physical
+    length, the largest budget of its layers (``compress(groups=...)``), planned layer by
+    layer. None or one group: one row, one physical length.
+
     ``workspace``: bytes the plan and compaction may allocate (``kv_workspace_bytes``;
     None: unbounded). The layer set is then processed in chunks of as many layers as fit
     (``workspace.layer_cost``): the same plan, with its merges deferred to ``apply_plan``
@@ -152,6 +158,12 @@ def plan_paged_request(
     """
     # Row selections from one host copy of the positions (checked once here, not in every
     # layer's view): on a GPU each would otherwise synchronise.
+    num_layers = len(caches)
+    rows = list(row) if not isinstance(row, Tensor) else [row] * num_layers
+    if len(rows) != num_layers:
+        raise ValueError(f"{len(rows)} block-table rows for {num_layers} layers")
+    grouped = groups is not None and len(set(groups)) > 1
+    row = rows[0]
     pos = query_pos.cpu()
     check_query_positions(pos, n)
     policy = cfg.policy
@@ -160,10 +172,9 @@ def plan_paged_request(
     wanted = policy.entropy_positions(n, vis) if fast and vis is not None else None
     if wanted is not None:
         entropy_sel = rows_for_positions(pos, wanted).to(query_pos.device)
-    num_layers = len(caches)
     common = {"fast": fast, "entropy_causal": policy.entropy_causal}
-    shared = fast and layer_sets and _one_layout(caches, layouts)
-    if shared:
+    as_layer_set = fast and layer_sets and not grouped and _one_layout(caches, layouts)
+    if as_layer_set:
         layout, heads = layouts[0], layouts[0].num_kv_heads
 
         @functools.cache
@@ -179,19 +190,21 @@ def plan_paged_request(
 
     def get_view(layer: int) -> LayerView:
         overrides = {}
-        if shared:
+        if as_layer_set:
             lo = layer * heads
             overrides["scores"] = lambda: set_view().window_scores[lo : lo + heads]
             if entropy_sel is not None and vis is not None:
                 overrides["entropy"] = lambda: set_view().entropy[layer]
         return paged_layer_view(
-            caches[layer], layouts[layer], row, n, query_rows(layer), query_pos, vis,
+            caches[layer], layouts[layer], rows[layer], n, query_rows(layer), query_pos, vis,
             score_sel=score_sel, entropy_sel=entropy_sel, **common, **overrides,
         )  # fmt: skip
 
-    layer_set = set_view if shared else None
+    layer_set = set_view if as_layer_set else None
     if workspace is None:
-        return compress(get_view, num_layers, cfg, n, pad_to="max", layer_set=layer_set)
+        return compress(
+            get_view, num_layers, cfg, n, pad_to="max", groups=groups, layer_set=layer_set
+        )
 
     first = query_rows(0)
     geometry = {
@@ -205,7 +218,7 @@ def plan_paged_request(
         "query_rows": int(query_pos.numel()),
         "query_dtype": first.dtype,
         "fast": fast,
-        "num_sms": num_sms(caches[0].device),
+        "num_sms": dispatch.num_sms(caches[0].device),
     }
 
     def fitting(p: int, *, deferred: bool, strict: bool = True) -> int:
@@ -219,9 +232,9 @@ def plan_paged_request(
             )
         return count
 
-    if not shared:  # layer by layer (the torch path, mixed layouts): every layer's plan
+    if not as_layer_set:  # layer by layer (the torch path, mixed layouts): every layer's plan
         fitting(max(0, n - 1), deferred=False)  # is held until compaction
-        return compress(get_view, num_layers, cfg, n, pad_to="max")
+        return compress(get_view, num_layers, cfg, n, pad_to="max", groups=groups)
     if fitting(max(0, n - 1), deferred=True, strict=False) >= num_layers:
         return compress(get_view, num_layers, cfg, n, pad_to="max", layer_set=layer_set)
 
@@ -262,17 +275,23 @@ def plan_paged_request(
 
 
 def _one_layout(caches: Sequence[Tensor], layouts: Sequence[PagedKVLayout]) -> bool:
-    """Whether every layer's cache can join one ``CacheSet`` (one layout, dtype, shape)."""
+    """Whether every layer's cache can join one ``LayerSet`` (one layout, dtype, shape)."""
     return all(lay == layouts[0] for lay in layouts) and all(
         same_geometry(c, caches[0]) for c in caches
     )
 
 
 def apply_plan(
-    caches: Sequence[Tensor], layouts: Sequence[PagedKVLayout], row: Tensor, plan: CompressionPlan
+    caches: Sequence[Tensor],
+    layouts: Sequence[PagedKVLayout],
+    row: Tensor | Sequence[Tensor],
+    plan: CompressionPlan,
 ) -> None:
     """Compact every layer in place: its kept (or merged) tokens move to slots ``[0, P)``
-    (a plan made from a layer set: all layers in one launch)."""
+    (a plan made from a layer set: all layers in one launch). ``row``: one block-table row,
+    or one per layer (KV cache groups, ``plan_paged_request(groups=...)``)."""
+    rows = list(row) if not isinstance(row, Tensor) else [row] * len(caches)
+    row = rows[0]
     if all(lp.keys is None and lp.physical_tokens >= plan.n_tokens for lp in plan.layers):
         return  # every layer keeps all N tokens in place (a layer's budget reached N)
     if plan.chunks is not None:  # one chunk's merged K/V at a time
@@ -281,9 +300,9 @@ def apply_plan(
             compact_(list(caches[lo:hi]), layouts[lo], row, part.kept, keys, values)
             del keys, values
         return
-    if plan.stacked is not None:
-        st = plan.stacked
+    if plan.layer_set is not None:
+        st = plan.layer_set
         compact_(list(caches), layouts[0], row, st.kept, st.keys, st.values)
         return
     for layer, lp in enumerate(plan.layers):
-        compact_(caches[layer], layouts[layer], row, lp.kept, lp.keys, lp.values)
+        compact_(caches[layer], layouts[layer], rows[layer], lp.kept, lp.keys, lp.values)

@@ -45,7 +45,7 @@ class LayerView:
     Optional overrides the engine fills from its fast paged kernels; when present the
     policies use them instead of recomputing:
     ``window_scores``: ``[H_kv, N]`` fp32, sum over the score rows (the last
-    ``compress.score_rows(cfg, N)`` prompt queries: ``kv_window`` for every policy but H2O,
+    ``Policy.score_rows(N)`` prompt queries: ``kv_window`` for every policy but H2O,
     ``min(N, kv_h2o_max_queries)`` for H2O) of the causal softmax, mean over the GQA group,
     before pooling. ``entropy``: MEDA cross-modal entropy of this layer (a float, or a 0-d
     tensor that MEDA copies to the host together with the other layers'; for a layer
@@ -186,7 +186,7 @@ class LayerPlan:
     ``keys``/``values``: ``[H_kv, P, D]`` merged entries to write in the kept slots, or
     None when the kept entries are written unchanged. ``budget``: the layer's logical
     budget ``S_l``; ``P >= S_l`` when the plan was padded to a common physical length
-    (``CompressionPlan.stacked``, the plan of a layer set: one budget per layer, a list).
+    (``CompressionPlan.layer_set``, the plan of a layer set: one budget per layer, a list).
     """
 
     kept: Tensor
@@ -221,7 +221,7 @@ class CompressionPlan:
     layer_budgets: list[int]
     #: the plan of all layers at once (heads layer-major, ``[L * H_kv, P]``) when it was
     #: made from a layer set (``compress(layer_set=...)``); ``layers`` are views of it
-    stacked: LayerPlan | None = None
+    layer_set: LayerPlan | None = None
     #: the plans of layer chunks ``(lo, hi, plan of layers lo..hi-1 stacked)`` when the
     #: workspace did not fit all layers at once (``paged_view``); merges are deferred
     chunks: list[tuple[int, int, LayerPlan]] | None = None

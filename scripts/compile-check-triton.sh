@@ -20,7 +20,7 @@ rm -rf "$SITE/meda_vllm/vllm_adapter"
 cp -r "$ROOT/kernels" "$SITE/meda_vllm/kernels"
 cd "$SITE"
 echo "[compile-check] triton $("$VENV/bin/python" -c 'import triton; print(triton.__version__)')"
-env -u TRITON_INTERPRET PYTHONPATH="$SITE" "$VENV/bin/python" -m meda_vllm.kernels.compile_check "$@"
+env -u TRITON_INTERPRET PYTHONPATH="$SITE" "$VENV/bin/python" -m meda_vllm.testing.compile_check "$@"
 if [ "${TESTS:-1}" = "1" ]; then
   PYTHONPATH="$SITE" "$VENV/bin/python" -m pytest "$ROOT/tests/kernels" -q -p no:cacheprovider \
     -o addopts="" -k "not bench and not compile"

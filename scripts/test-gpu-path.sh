@@ -11,6 +11,6 @@ cd "$ROOT"
 start=$(date +%s)
 status=0
 MEDA_GPU_PATH_TESTS=1 .venv/bin/python -m pytest tests/gpu_path -m gpu_path \
-  -p no:cacheprovider -q "$@" || status=$?
+  -p no:cacheprovider -q --durations=15 "$@" || status=$?
 echo "[test-gpu-path] done in $(($(date +%s) - start)) s (exit $status)"
 exit "$status"

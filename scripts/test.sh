@@ -16,7 +16,7 @@ echo "[test] pytest"
 # -p no:cacheprovider: CI clones are read-mostly; no .pytest_cache needed.
 # The GPU-code-path tests (tests/gpu_path) are skipped here and run separately below:
 # they need a shim on PYTHONPATH and Triton's interpreter, never the production path.
-"$PY" -m pytest -p no:cacheprovider "$@"
+"$PY" -m pytest -p no:cacheprovider --durations=25 "$@"
 if [ $# -eq 0 ]; then
   echo "[test] GPU code path (Model Runner V2 + TRITON_ATTN) on CPU"
   bash scripts/test-gpu-path.sh

@@ -62,8 +62,10 @@ def load_kernels():
 
 
 K = load_kernels()
-from meda_vllm.kernels.synthetic import paged_request, synthetic_vis  # noqa: E402
+from meda_vllm.merging import merge_into_kept  # noqa: E402
 from meda_vllm.modality import entropy_query_positions  # noqa: E402
+from meda_vllm.selection import pool_scores  # noqa: E402
+from meda_vllm.testing.synthetic import paged_request, synthetic_vis  # noqa: E402
 
 GEOMETRIES = {
     # name: (query heads, kv heads, head size)
@@ -169,17 +171,15 @@ def check_all(p, backend):
     res["gather"] = dict(ok=bool(torch.equal(k, kr) and torch.equal(v, vr)), max_err=0.0)
 
     s = K.paged_window_scores(p["q_win"], p["q_win_pos"], c, lay, row, n, backend=backend)
-    sr = K.paged_window_scores_reference(p["q_win"], p["q_win_pos"], c, lay, row, n)
+    sr = K.paged_window_scores(p["q_win"], p["q_win_pos"], c, lay, row, n, backend="torch")
     err = max_err(s, sr)
     res["window_scores"] = dict(ok=err <= 1e-4 + 1e-3 * sr.abs().max().item(), max_err=err)
 
-    pooled = K.pool_scores(s, POOL_KERNEL, "max", backend=backend)
-    pr = K.pool_scores_reference(s, POOL_KERNEL, "max")
-    res["pool"] = dict(ok=bool(torch.equal(pooled, pr)), max_err=max_err(pooled, pr))
+    pr = pool_scores(sr, "max", POOL_KERNEL)  # the policies' torch pooling (no kernel)
 
     args = (p["q_ent"], p["ent_pos"], c, lay, row, n, p["vis"])
     e = K.paged_cross_modal_entropy(*args, backend=backend)
-    er = K.paged_cross_modal_entropy_reference(*args)
+    er = K.paged_cross_modal_entropy(*args, backend="torch")
     err = max_err(e, er)
     res["entropy"] = dict(ok=err <= 1e-3, max_err=err, value=e.tolist())
 
@@ -192,11 +192,11 @@ def check_all(p, backend):
 
     kept = select_kept(pr, p["budget"], p["window"])
     _, match = K.merge_match(c, lay, row, n, kept, backend=backend)
-    matched_r = K.merge_match_reference(c, lay, row, n, kept)  # the slow part: once
-    match_r = matched_r[1]
+    evicted_r, match_r = K.merge_match(c, lay, row, n, kept, backend="torch")  # slow part: once
     agree = (match == match_r).float().mean().item() if match.numel() else 1.0
     mk, mv = K.paged_merge(c, lay, row, n, kept, "average", backend=backend)
-    rk, rv = K.paged_merge_reference(c, lay, row, n, kept, "average", matched=matched_r)
+    kd, vd = K.gather_kv(c, lay, row, n, backend="torch")
+    rk, rv = merge_into_kept(kd, vd, kept.long(), evicted_r, match_r)
     # fp32 near-ties may pick another (equally similar) target for a handful of tokens
     bad = ((mk.float() - rk.float()).abs() > 2e-2 + 1.6e-2 * rk.float().abs()).any(-1)
     bad |= ((mv.float() - rv.float()).abs() > 2e-2 + 1.6e-2 * rv.float().abs()).any(-1)
@@ -287,7 +287,7 @@ def time_ops(p, kept, pooled, backend, timer, only=None):
         "window_scores": lambda: K.paged_window_scores(
             p["q_win"], p["q_win_pos"], c, lay, row, n, backend=backend
         ),
-        "pool": lambda: K.pool_scores(pooled, POOL_KERNEL, "max", backend=backend),
+        "pool": lambda: pool_scores(pooled, "max", POOL_KERNEL),
         "entropy": lambda: K.paged_cross_modal_entropy(
             p["q_ent"], p["ent_pos"], c, lay, row, n, p["vis"], backend=backend
         ),

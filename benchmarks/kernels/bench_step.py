@@ -35,8 +35,8 @@ import torch
 
 from meda_vllm.compress import required_query_positions
 from meda_vllm.config import KVPolicyConfig
-from meda_vllm.kernels.synthetic import paged_request
 from meda_vllm.paged_view import apply_plan, plan_paged_request
+from meda_vllm.testing.synthetic import paged_request
 
 # name: (layers, query heads, kv heads, head size, hidden, MLP intermediate)
 MODELS = {
@@ -175,15 +175,15 @@ NO_LAUNCH = {
 
 def count_launches(model, n, policy) -> dict:
     """Kernel launches per request of the step as the GPU path would make them, counted on
-    CPU: Triton launches recorded in their GPU configuration
-    (``dispatch.recording_launches``) and the torch ops that would launch a kernel (a
+    CPU: Triton launches recorded in their GPU configuration (``meda_vllm.testing.
+    launches.recording_launches``) and the torch ops that would launch a kernel (a
     ``TorchDispatchMode``; views and the CPU-only value checks excluded). The recorded
     launches write nothing (zeros), so data-dependent paths may differ from a real run."""
     import collections
 
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from meda_vllm.kernels import dispatch
+    from meda_vllm.testing.launches import recording_launches
 
     class Count(TorchDispatchMode):
         def __init__(self):
@@ -224,7 +224,7 @@ def count_launches(model, n, policy) -> dict:
 
     torch.empty, torch.empty_like = zeroed(empty), zeroed(empty_like)
     try:
-        with count, dispatch.recording_launches() as launches:
+        with count, recording_launches() as launches:
             plan = plan_paged_request(
                 req.caches, req.layouts, req.row, n, rows.__getitem__, pos, req.vis, cfg, fast=True
             )

@@ -61,7 +61,7 @@ class Policy:
     # Whether ``ranking`` accepts a layer set: a view of several layers' heads stacked
     # (``[L * H_kv, N]``) with one budget per layer, ranked in one pass (the engine's fast
     # path, ``compress(layer_set=...)``). A policy whose ``ranking`` cannot says False.
-    stackable: ClassVar[bool] = True
+    takes_layer_sets: ClassVar[bool] = True
     # Whether the cross-modal entropy (``entropy_positions``) uses a causal mask; a
     # policy that budgets layers by entropy makes it a knob (MEDA).
     entropy_causal: ClassVar[bool] = False
@@ -98,6 +98,11 @@ class Policy:
     def query_positions(self, n: int, vis: Tensor | None) -> Tensor:
         """Ascending prompt positions whose query rows this policy reads."""
         return torch.arange(n - max(self.score_rows(n), min(self.window, n)), n)
+
+    def max_query_rows(self, n: int) -> int:
+        """The most rows ``query_positions`` returns for any ``n``-token prompt (what the
+        engine sizes its query capture and compression workspace for)."""
+        return max(self.score_rows(n), min(self.window, n))
 
     def entropy_positions(self, n: int, vis: Tensor | None) -> Tensor | None:
         """Prompt positions of the sampled cross-modal entropy rows, for a policy that

@@ -23,6 +23,9 @@ class FullPolicy(Policy):
     def query_positions(self, n: int, vis: Tensor | None) -> Tensor:
         return torch.empty(0, dtype=torch.long)
 
+    def max_query_rows(self, n: int) -> int:
+        return 0
+
     def layer_budgets(
         self, get_view: GetView, num_layers: int, n: int, budget: int
     ) -> LayerBudgets:

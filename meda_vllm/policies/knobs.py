@@ -6,7 +6,8 @@
         name = "mine"
         strength: float = knob(0.5, number(0, 1), "how hard to push", setting="kv_mine_strength")
 
-The setting name defaults to ``kv_<policy name>_<field>``.
+The setting name defaults to ``kv_<policy name>_<field>``, named after the policy that
+declares the knob (a subclass inherits the setting along with the field).
 """
 
 from __future__ import annotations
@@ -122,12 +123,18 @@ def knob(default: Any, rule: Rule, help: str, *, setting: str | None = None) -> 
 
 
 def knobs_of(cls: type) -> tuple[Knob, ...]:
-    """The knobs a policy class declares (its own and inherited ones)."""
+    """The knobs a policy class declares (its own and inherited ones). An inherited knob
+    keeps the setting of the policy that declared it: a subclass shares it, not renames it."""
     out = []
     for f in dataclasses.fields(cls):
         meta = f.metadata.get("knob")
         if meta is None:
             continue
-        setting = meta["setting"] or f"kv_{cls.name}_{f.name}"
+        setting = meta["setting"] or f"kv_{_declared_by(cls, f.name).name}_{f.name}"
         out.append(Knob(setting, f.name, f.default, meta["rule"], meta["help"]))
     return tuple(out)
+
+
+def _declared_by(cls: type, field: str) -> type:
+    """The class nearest ``cls`` in its MRO that declares ``field`` itself."""
+    return next(c for c in cls.__mro__ if field in c.__dict__.get("__annotations__", {}))

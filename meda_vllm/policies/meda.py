@@ -36,6 +36,12 @@ class MEDAPolicy(Policy):
         window = super().query_positions(n, vis)
         return torch.unique(torch.cat([window, self.entropy_positions(n, vis)]))
 
+    def max_query_rows(self, n: int) -> int:
+        # the window, the text rows standing in for it when it holds none, and the sampled
+        # visual rows (capped, else one in visual_stride)
+        visual = self.visual_rows or -(-n // self.visual_stride)
+        return min(n, 2 * self.window + visual)
+
     def entropy_positions(self, n: int, vis: Tensor | None) -> Tensor:
         """The rows of the sampled entropy (``modality.entropy_query_positions``)."""
         return entropy_query_positions(n, vis, self.window, self.visual_stride, self.visual_rows)

@@ -229,6 +229,19 @@ def check_engine_config(vllm_config: Any) -> None:
                 f"(full attention in every layer); this model has {reason} "
                 f"(use {hint}--kv-policy none)"
             )
+    if cfg.kv_layer_groups > 1:
+        _check_layer_groups(cfg.kv_layer_groups, vllm_config, model)
+
+
+def _check_layer_groups(groups: int, vllm_config: Any, model: Any) -> None:
+    """kv_layer_groups must divide the layers."""
+    text = getattr(model, "hf_text_config", None) if model is not None else None
+    layers = getattr(text, "num_hidden_layers", None)
+    if isinstance(layers, int) and layers % groups:
+        raise ConfigError(
+            f"kv_layer_groups {groups} does not divide the model's {layers} layers "
+            f"(use a divisor of {layers})"
+        )
 
 
 #: ``layer_types`` entries that are plain full attention (one shared KV cache group).

@@ -14,16 +14,20 @@ import torch
 
 from meda_vllm.config import KVPolicyConfig
 from meda_vllm.kernels import resolve_backend
+from meda_vllm.policies import policy_names
 from meda_vllm.vllm_adapter import metrics, settings
 from meda_vllm.vllm_adapter.log import logger
 from meda_vllm.workspace import auto_workspace_bytes
 
 
 def _max_query_rows(cfg: KVPolicyConfig, max_model_len: int) -> int:
-    """The most query rows any policy captures per layer with these server settings."""
-    visual = cfg.kv_meda_visual_rows or -(-max_model_len // cfg.kv_meda_visual_stride)
-    rows = max(cfg.kv_window + visual, cfg.kv_h2o_max_queries, cfg.kv_window)
-    return min(max_model_len, rows)
+    """The most query rows any policy a request may pick captures per layer with these
+    server settings (each policy's ``max_query_rows``)."""
+    rows = [
+        cfg.merged({"kv_policy": name}).policy.max_query_rows(max_model_len)
+        for name in policy_names()
+    ]
+    return min(max_model_len, max(rows, default=0))
 
 
 def resolve_workspace(vllm_config: Any, cfg: KVPolicyConfig) -> int:

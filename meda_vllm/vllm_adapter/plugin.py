@@ -19,7 +19,9 @@ from types import ModuleType
 from meda_vllm.vllm_adapter.patches import (
     attention,
     engine_args,
+    group_metadata,
     initialize_kv_cache,
+    kv_cache_groups,
     kv_cache_manager,
     metrics_route,
     model_state,
@@ -93,6 +95,7 @@ PATCHES: tuple[tuple[str, Callable[[], None]], ...] = (
     ("vllm.sampling_params", sampling_params.apply),
     ("vllm.v1.core.sched.scheduler", scheduler.apply),
     ("vllm.v1.core.kv_cache_manager", kv_cache_manager.apply),
+    ("vllm.v1.core.kv_cache_utils", kv_cache_groups.apply),
     ("vllm.v1.worker.gpu_model_runner", v1_runner.apply),
     ("vllm.v1.worker.gpu.model_runner", v2_runner.apply),
     ("vllm.v1.worker.gpu_model_runner", initialize_kv_cache.apply_v1),
@@ -103,4 +106,4 @@ PATCHES: tuple[tuple[str, Callable[[], None]], ...] = (
 )
 
 #: Patches installed on instances while compression is set up, not on a module's import.
-AT_SETUP: tuple[ModuleType, ...] = (attention, model_state)
+AT_SETUP: tuple[ModuleType, ...] = (attention, model_state, group_metadata)

@@ -72,8 +72,8 @@ def after_forward(runner: Any, scheduler_output: Any, out: Any, compress_one: Ca
     state = state_of(runner)
     if state is None:
         return out
-    for rid, cfg in (getattr(scheduler_output, ARM_ATTR, None) or {}).items():
-        compress_one(runner, state, rid, cfg)
+    for rid in getattr(scheduler_output, ARM_ATTR, None) or ():
+        compress_one(runner, state, rid)
     return report_results(runner, out)
 
 

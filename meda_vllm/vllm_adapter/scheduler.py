@@ -4,10 +4,11 @@ Bookkeeping per compressed request ``rid``:
 
 * the request's *logical* length (``Request.num_computed_tokens``, positions,
   ``max_model_len``, stop checks) is never changed;
-* ``removed[rid] = N - P`` (prompt tokens minus kept tokens) turns a logical
-  token count into a *physical* one (slots actually held), and every call of the
-  KV manager that counts tokens for the request is translated with it;
-* the request's block list is truncated to ``cdiv(P, block_size)`` blocks and
+* ``removed = N - P_g`` (prompt tokens minus the tokens KV cache group ``g`` kept;
+  one group unless ``kv_layer_groups`` > 1) turns a logical token count into a
+  *physical* one (slots actually held), and every call of group ``g``'s KV manager
+  that counts tokens for the request is translated with it;
+* each group's block list is truncated to ``cdiv(P_g, block_size)`` blocks and
   the tail blocks go back to the pool the moment the worker reports the step
   that compressed (``update_from_output``), so ``vllm:kv_cache_usage_perc``
   and admission of waiting requests see the freed memory at once.
@@ -31,16 +32,15 @@ from meda_vllm.vllm_adapter.protocol import ARM_ATTR, RECOMPUTE, RESULT_ATTR, cd
 
 @dataclass
 class CompressionRecord:
-    """What the scheduler knows of one compressed request."""
+    """What the scheduler knows of one compressed request (per KV cache group)."""
 
     n_prompt: int
-    kept: int
-    blocks_before: int
+    kept: tuple[int, ...]  # physical length held by each KV cache group
+    blocks_before: int  # summed over groups
     blocks_after: int
 
-    @property
-    def removed(self) -> int:
-        return self.n_prompt - self.kept
+    def removed(self, group: int) -> int:
+        return self.n_prompt - self.kept[group]
 
 
 @dataclass
@@ -48,7 +48,7 @@ class SchedulerCompression:
     """Per-scheduler state, attached as ``scheduler._meda``."""
 
     server: KVPolicyConfig
-    manager: Any  # the full-attention SingleTypeKVCacheManager
+    managers: list[Any]  # the full-attention SingleTypeKVCacheManager of each KV cache group
     block_size: int
     records: dict[str, CompressionRecord] = field(default_factory=dict)
     # request ids whose last prefill chunk is in flight (armed, result pending)
@@ -56,9 +56,13 @@ class SchedulerCompression:
     # request ids whose compaction failed in the worker: preempted after this step's output
     recompute: set[str] = field(default_factory=set)
 
-    def removed(self, rid: str) -> int:
+    @property
+    def manager(self) -> Any:  # the first group's (pool size, metrics)
+        return self.managers[0]
+
+    def removed(self, rid: str, group: int = 0) -> int:
         rec = self.records.get(rid)
-        return rec.removed if rec is not None else 0
+        return rec.removed(group) if rec is not None else 0
 
     def note_skip(self, reason: str) -> None:
         metrics.on_skip(reason)
@@ -70,28 +74,28 @@ def attach(scheduler: Any) -> SchedulerCompression | None:
     if server.kv_policy == "none":
         return None
     coordinator = scheduler.kv_cache_manager.coordinator
-    managers = coordinator.single_type_managers
-    if len(managers) != 1:
-        raise RuntimeError(
-            f"meda-vllm: --kv-policy {server.kv_policy} supports models with one KV cache "
-            f"group (full attention in every layer); this model has {len(managers)}"
-        )
-    mgr = managers[0]
+    managers = list(coordinator.single_type_managers)
     from vllm.v1.kv_cache_interface import FullAttentionSpec
 
-    if type(mgr.kv_cache_spec) is not FullAttentionSpec:
+    kinds = sorted({type(m.kv_cache_spec).__name__ for m in managers})
+    expected = server.kv_layer_groups
+    if len(managers) != expected or kinds != [FullAttentionSpec.__name__]:
         raise RuntimeError(
-            f"meda-vllm: --kv-policy {server.kv_policy} needs full attention; this model's KV "
-            f"cache spec is {type(mgr.kv_cache_spec).__name__}"
+            f"meda-vllm: --kv-policy {server.kv_policy} supports models with full attention "
+            f"in every layer ({expected} KV cache group(s), kv_layer_groups); this model has "
+            f"{len(managers)} ({', '.join(kinds) or 'none'})"
         )
-    state = SchedulerCompression(server=server, manager=mgr, block_size=mgr.block_size)
+    sizes = {m.block_size for m in managers}
+    if len(sizes) != 1:
+        raise RuntimeError(f"meda-vllm: KV cache groups with block sizes {sorted(sizes)}")
+    state = SchedulerCompression(server=server, managers=managers, block_size=sizes.pop())
     metrics.on_scheduler_attached(scheduler, state)
     return state
 
 
 def arm(scheduler: Any, state: SchedulerCompression, out: Any) -> None:
     """After ``schedule()``: pick the requests whose final prefill chunk runs now."""
-    armed: dict[str, dict[str, Any]] = {}
+    armed: list[str] = []
     spec = getattr(out, "scheduled_spec_decode_tokens", None) or {}
     for rid in out.num_scheduled_tokens:
         if rid in state.records or rid in state.pending:
@@ -112,7 +116,7 @@ def arm(scheduler: Any, state: SchedulerCompression, out: Any) -> None:
         if req.num_prompt_tokens <= cfg.budget_tokens(req.num_prompt_tokens):
             state.note_skip("short_prompt")
             continue
-        armed[rid] = cfg.model_dump()
+        armed.append(rid)
         state.pending.add(rid)
     setattr(out, ARM_ATTR, armed)
 
@@ -123,31 +127,36 @@ def commit(scheduler: Any, state: SchedulerCompression, model_runner_output: Any
     for rid in list(state.pending):
         if rid not in results:
             state.pending.discard(rid)  # worker skipped it (e.g. nothing to evict)
-    mgr = state.manager
     for rid, (n_prompt, kept) in results.items():
         state.pending.discard(rid)
         if kept == RECOMPUTE:
             state.recompute.add(rid)
             continue
-        blocks = mgr.req_to_blocks.get(rid)
-        if blocks is None or rid not in scheduler.requests:
+        if rid not in scheduler.requests or len(kept) != len(state.managers):
             continue
-        keep_blocks = cdiv(kept, state.block_size)
-        tail = blocks[keep_blocks:]
-        before = len(blocks)
-        del blocks[keep_blocks:]
-        if tail:
-            mgr.block_pool.free_blocks(reversed(tail))
-        if rid in mgr.num_cached_block:
-            mgr.num_cached_block[rid] = min(mgr.num_cached_block[rid], keep_blocks)
-        state.records[rid] = CompressionRecord(n_prompt, kept, before, keep_blocks)
-        metrics.on_blocks_freed(state, len(tail))
+        before = after = freed = 0
+        for mgr, length in zip(state.managers, kept, strict=True):
+            blocks = mgr.req_to_blocks.get(rid)
+            if blocks is None:
+                continue
+            keep_blocks = cdiv(length, state.block_size)
+            tail = blocks[keep_blocks:]
+            before += len(blocks)
+            del blocks[keep_blocks:]
+            if tail:
+                mgr.block_pool.free_blocks(reversed(tail))
+            if rid in mgr.num_cached_block:
+                mgr.num_cached_block[rid] = min(mgr.num_cached_block[rid], keep_blocks)
+            after += len(blocks)
+            freed += len(tail)
+        state.records[rid] = CompressionRecord(n_prompt, tuple(kept), before, after)
+        metrics.on_blocks_freed(state, freed)
         logger.debug(
-            "meda-vllm: %s compressed %d -> %d tokens, freed %d blocks",
+            "meda-vllm: %s compressed %d -> %s tokens, freed %d blocks",
             rid,
             n_prompt,
             kept,
-            len(tail),
+            freed,
         )
 
 

@@ -10,6 +10,10 @@ Per compressed request (both runners; their vLLM patches are ``patches/v1_runner
 * from the next step on, ``removed = N - P`` is subtracted from the positions
   used for the slot mapping and from ``seq_lens`` (physical), while the
   positions fed to RoPE stay logical, so decoding continues at position N.
+
+With ``kv_layer_groups`` > 1 each KV cache group (a run of consecutive layers with its
+own block-table row) keeps its own physical length ``P_g``, the largest kept length of
+its layers: rows, truncation, ``removed`` and the reported lengths are per group.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ class CompressionStats:
     layer_budgets: list[int]
     seconds: float
     fallback: str | None
+    group_kept: tuple[int, ...] = ()  # physical length held by each KV cache group
 
 
 @dataclass
@@ -61,15 +66,16 @@ class WorkerCompression:
     layer_names: list[str] = field(default_factory=list)
     attention_layers: dict[str, Any] = field(default_factory=dict)  # by name, in layer order
     layouts: list[PagedKVLayout] = field(default_factory=list)
+    layer_groups: list[int] = field(default_factory=list)  # KV cache group of each layer
     block_size: int = 0
     ready: bool = False
     infos: dict[str, RequestInfo] = field(default_factory=dict)
     captures: dict[str, capture.RequestCapture] = field(default_factory=dict)
-    removed: dict[str, int] = field(default_factory=dict)
+    removed: dict[str, tuple[int, ...]] = field(default_factory=dict)  # N - P_g per group
     # Preempted and not yet finished: if they come back they are recomputed, never
     # compressed (the scheduler arms only requests with num_preemptions == 0).
     preempted: set[str] = field(default_factory=set)
-    results: dict[str, tuple[int, int]] = field(default_factory=dict)
+    results: dict[str, tuple[int, Any]] = field(default_factory=dict)  # (N, P_g's | RECOMPUTE)
     # kv_workspace_bytes resolved at setup (resolve_workspace); None: unbounded
     workspace_bytes: int | None = None
 
@@ -94,15 +100,26 @@ class WorkerCompression:
         self.layouts = [layout_for(layers[n], layers[n].kv_cache) for n in self.layer_names]
         self.block_size = self.layouts[0].block_size
         self.attention_layers = {n: layers[n] for n in self.layer_names}
+        self.layer_groups = _layer_groups(self.runner, self.layer_names)
         self.workspace_bytes = memory.resolve_workspace(self.runner.vllm_config, self.server)
         metrics.on_workspace(self.runner.vllm_config, self.workspace_bytes)
         self.ready = True
         logger.info(
-            "meda-vllm: worker ready: %d layers, block size %d, backend %s",
+            "meda-vllm: worker ready: %d layers in %d KV cache group(s), block size %d, backend %s",
             len(self.layer_names),
+            self.num_groups,
             self.block_size,
             type(layers[self.layer_names[0]].impl).__name__,
         )
+
+    @property
+    def num_groups(self) -> int:
+        return max(self.layer_groups, default=0) + 1
+
+    def removed_in(self, rid: str, group: int) -> int:
+        """Tokens of ``rid`` no longer held by KV cache group ``group`` (0: uncompressed)."""
+        removed = self.removed.get(rid)
+        return removed[group] if removed is not None else 0
 
     def cache(self, layer: int) -> torch.Tensor:
         ctx = self.runner.compilation_config.static_forward_context
@@ -182,19 +199,21 @@ class WorkerCompression:
     def compress_request(
         self,
         rid: str,
-        cfg_dict: dict[str, Any],
-        row_ids: list[int],
-        truncate: Callable[[int], None],
+        row_ids: list[list[int]],
+        truncate: Callable[[list[int]], None],
     ) -> None:
-        """Compress one request whose prompt KV is complete in the pages ``row_ids``.
+        """Compress one request whose prompt KV is complete in the pages ``row_ids[g]`` of
+        each KV cache group ``g``, with the settings resolved when it was added
+        (``RequestInfo.cfg``, as the scheduler resolved them to arm it).
 
-        ``truncate(keep_blocks)`` shortens the request's block-table row (runner-specific).
+        ``truncate(keep_blocks)`` shortens the request's block-table row of each group to
+        ``keep_blocks[g]`` blocks (runner-specific).
         """
         info = self.infos.get(rid)
         cap = self.captures.pop(rid, None)
         if info is None or cap is None:
             return
-        cfg = KVPolicyConfig.model_validate(cfg_dict)
+        cfg = info.cfg
         n = info.n_prompt
         if len(cap.rows) != len(self.layer_names):
             logger.warning("meda-vllm: %s: query rows missing, not compressed", rid)
@@ -202,7 +221,16 @@ class WorkerCompression:
             return
         t0 = time.perf_counter()
         device = self.cache(0).device
-        row = torch.tensor(row_ids[: cdiv(n, self.block_size)], dtype=torch.int32, device=device)
+        if len(row_ids) != self.num_groups:
+            logger.warning("meda-vllm: %s: %d block-table rows, not compressed", rid, len(row_ids))
+            metrics.on_skip("error", self.runner.vllm_config)
+            return
+        group_rows = [
+            torch.tensor(ids[: cdiv(n, self.block_size)], dtype=torch.int32, device=device)
+            for ids in row_ids
+        ]
+        layer_groups = self.layer_groups or [0] * len(self.layer_names)
+        rows = [group_rows[g] for g in layer_groups]
         query_pos = cap.positions.to(device)
         vis = info.vis.to(device) if info.vis is not None else None
         fast = self.use_paged_kernels(device)
@@ -211,7 +239,7 @@ class WorkerCompression:
             plan = plan_paged_request(
                 caches,
                 self.layouts,
-                row,
+                rows,
                 n,
                 lambda layer: cap.rows[layer].to(device).transpose(0, 1),  # [H, R, D]
                 query_pos,
@@ -219,6 +247,7 @@ class WorkerCompression:
                 cfg,
                 fast=fast,
                 workspace=self.workspace_bytes,
+                groups=layer_groups,
             )
         except WorkspaceTooSmall as e:  # nothing written yet: serve it uncompressed
             logger.warning("meda-vllm: %s: not compressed: %s", rid, e)
@@ -231,12 +260,12 @@ class WorkerCompression:
         if plan is None:
             metrics.on_skip("nothing_to_evict", self.runner.vllm_config)
             return
-        kept = plan.kept_tokens
+        kept = group_lengths(plan, layer_groups, self.num_groups)
         if plan_dump.directory() is not None:
             plan_dump.write(rid, _dump_record(rid, info, cfg, plan))
         try:
-            apply_plan(caches, self.layouts, row, plan)
-            truncate(cdiv(kept, self.block_size))
+            apply_plan(caches, self.layouts, rows, plan)
+            truncate([cdiv(p, self.block_size) for p in kept])
         except Exception:  # noqa: BLE001 - the pages may be half rewritten: recompute
             logger.exception(
                 "meda-vllm: %s: compaction failed; the request is recomputed uncompressed", rid
@@ -244,10 +273,12 @@ class WorkerCompression:
             metrics.on_skip("error", self.runner.vllm_config)
             self.results[rid] = (n, RECOMPUTE)
             return
-        self.removed[rid] = n - kept
+        self.removed[rid] = tuple(n - p for p in kept)
         self.results[rid] = (n, kept)
         seconds = time.perf_counter() - t0
-        stats = CompressionStats(rid, n, kept, list(plan.layer_budgets), seconds, plan.fallback)
+        stats = CompressionStats(
+            rid, n, plan.kept_tokens, list(plan.layer_budgets), seconds, plan.fallback, kept
+        )
         metrics.on_compressed(self.runner.vllm_config, stats, cfg.kv_policy)
         logger.debug("meda-vllm: %s: %d -> %d tokens in %.1f ms", rid, n, kept, seconds * 1e3)
 
@@ -255,6 +286,30 @@ class WorkerCompression:
     def use_paged_kernels(device: torch.device) -> bool:
         """Score/entropy straight from the pages with Triton (GPU, or forced for tests)."""
         return resolve_backend(None, device) == "triton"
+
+
+def group_lengths(plan: Any, layer_groups: list[int], num_groups: int) -> tuple[int, ...]:
+    """The physical length of each KV cache group: the most slots one of its layers keeps."""
+    kept = [0] * num_groups
+    for lp, group in zip(plan.layers, layer_groups, strict=True):
+        kept[group] = max(kept[group], lp.kept.shape[1])
+    return tuple(kept)
+
+
+def _layer_groups(runner: Any, layer_names: list[str]) -> list[int]:
+    """The KV cache group of each layer, checked to be runs of consecutive layers."""
+    where = {
+        name: gid
+        for gid, group in enumerate(runner.kv_cache_config.kv_cache_groups)
+        for name in group.layer_names
+    }
+    missing = [n for n in layer_names if n not in where]
+    if missing:
+        raise RuntimeError(f"meda-vllm: layers {missing} are in no KV cache group")
+    groups = [where[n] for n in layer_names]
+    if groups != sorted(groups) or sorted(set(groups)) != list(range(len(set(groups)))):
+        raise RuntimeError(f"meda-vllm: KV cache groups are not runs of layers: {groups}")
+    return groups
 
 
 def _dump_record(rid: str, info: RequestInfo, cfg: KVPolicyConfig, plan: Any) -> dict[str, Any]:

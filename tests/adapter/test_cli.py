@@ -134,11 +134,12 @@ def test_context_parallel_and_dbo_are_refused_naming_the_flag(kw, flag):
     assert flag in str(exc.value) and "\n" not in str(exc.value)
 
 
-def _engine_config(model_config=None, cache_dtype="auto", policy="meda"):
+def _engine_config(model_config=None, cache_dtype="auto", policy="meda", v2=False, **settings):
     return SimpleNamespace(
-        additional_config={"kv_policy": policy},
+        additional_config={"kv_policy": policy, **settings},
         cache_config=SimpleNamespace(cache_dtype=cache_dtype),
         model_config=model_config,
+        use_v2_model_runner=v2,
     )
 
 
@@ -177,6 +178,17 @@ def test_models_with_several_kv_cache_groups_are_refused_from_their_config(model
     assert "one KV cache group" in str(exc.value) and words in str(exc.value)
     assert "\n" not in str(exc.value)
     cli.check_engine_config(_engine_config(model, policy="none"))
+
+
+def test_layer_groups_that_do_not_divide_the_layers_are_refused():
+    """kv_layer_groups > 1 must divide the layers (once the config is read, before weights
+    load; one line); both model runners take it."""
+    model = _model_config(num_hidden_layers=4)
+    cli.check_engine_config(_engine_config(model, kv_layer_groups=2))
+    cli.check_engine_config(_engine_config(model, v2=True, kv_layer_groups=4))
+    with pytest.raises(ConfigError, match="does not divide the model's 4 layers") as exc:
+        cli.check_engine_config(_engine_config(model, kv_layer_groups=3))
+    assert "\n" not in str(exc.value)
 
 
 def test_full_attention_and_disabled_sliding_window_pass():

@@ -55,12 +55,12 @@ def test_compacts_cuts_the_row_and_reports(policy):
     row = torch.tensor(row_ids[: -(-N // BS)], dtype=torch.int32)
     before = {n: gather_kv(c, layout, row, N) for n, c in caches.items()}
     cut: list[int] = []
-    state.compress_request("r", cfg.model_dump(), list(row_ids), cut.append)
+    state.compress_request("r", [list(row_ids)], cut.append)
     assert "r" in state.results
-    n, kept = state.results["r"]
+    n, (kept,) = state.results["r"]  # one KV cache group
     assert n == N and kept < N
-    assert cut == [-(-kept // BS)]
-    assert state.removed["r"] == N - kept
+    assert cut == [[-(-kept // BS)]]
+    assert state.removed["r"] == (N - kept,)
     assert "r" not in state.captures  # buffer freed
     # the leading `kept` slots of every head now hold `kept` distinct prompt tokens
     for name, cache in caches.items():
@@ -83,7 +83,7 @@ def test_a_failing_plan_leaves_everything_as_it_was(monkeypatch):
 
     monkeypatch.setattr(worker, "plan_paged_request", boom)
     cut: list[int] = []
-    state.compress_request("r", cfg.model_dump(), list(row_ids), cut.append)
+    state.compress_request("r", [list(row_ids)], cut.append)
     assert cut == [] and "r" not in state.results and "r" not in state.removed
     for n, c in caches.items():
         assert torch.equal(c, snapshot[n])
@@ -97,7 +97,7 @@ def test_a_workspace_too_small_for_one_layer_skips_the_request(monkeypatch):
     skips: list[str] = []
     monkeypatch.setattr(worker.metrics, "on_skip", lambda reason, cfg=None: skips.append(reason))
     cut: list[int] = []
-    state.compress_request("r", cfg.model_dump(), list(row_ids), cut.append)
+    state.compress_request("r", [list(row_ids)], cut.append)
     assert skips == ["workspace"]
     assert cut == [] and "r" not in state.results and "r" not in state.removed
     for n, c in caches.items():
@@ -105,5 +105,5 @@ def test_a_workspace_too_small_for_one_layer_skips_the_request(monkeypatch):
     # the same request with room for it is compressed
     state, cfg, caches, _, row_ids = _state("meda", 0.25)
     state.workspace_bytes = 1 << 30
-    state.compress_request("r", cfg.model_dump(), list(row_ids), cut.append)
+    state.compress_request("r", [list(row_ids)], cut.append)
     assert "r" in state.results and skips == ["workspace"]

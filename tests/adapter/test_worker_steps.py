@@ -160,11 +160,11 @@ def v2(monkeypatch):
     state = WorkerCompression(runner=runner, server=KVPolicyConfig.from_mapping(SERVER))
     runner._meda = state
 
-    def fake_compress(rid, cfg, row_ids, truncate):  # the planner, stubbed: keep KEEP blocks
+    def fake_compress(rid, row_ids, truncate):  # the planner, stubbed: keep KEEP blocks
         state.captures.pop(rid, None)
-        truncate(KEEP)
-        state.removed[rid] = N_PROMPT - KEEP * BS
-        state.results[rid] = (N_PROMPT, KEEP * BS)
+        truncate([KEEP])
+        state.removed[rid] = (N_PROMPT - KEEP * BS,)
+        state.results[rid] = (N_PROMPT, (KEEP * BS,))
 
     state.compress_request = fake_compress
     return runner, state, log
@@ -209,7 +209,7 @@ def _step(
     )
     so.finished_req_ids = set(finished)
     so.preempted_req_ids = set(preempted)
-    setattr(so, ARM_ATTR, {rid: dict(SERVER) for rid in arm})
+    setattr(so, ARM_ATTR, list(arm))
     return runner.execute_model(so)
 
 
@@ -241,7 +241,7 @@ def test_truncation_leaves_no_staged_write_behind(v2):
     # length is cut at once, the kept block ids are already in place.
     assert tables._staged_write_indices == []
     assert int(runner.block_tables.num_blocks.np[0, r]) == KEEP
-    assert state.removed["A"] == N_PROMPT - KEEP * BS
+    assert state.removed["A"] == (N_PROMPT - KEEP * BS,)
     # A keeps running: its next block is appended after the kept ones.
     _step(runner, cached={"A": [40], "C": None})
     assert _row(runner, r) == [*A_BLOCKS[:KEEP], 40]

@@ -16,6 +16,8 @@ def client(srv: VLLMServer) -> OpenAI:
 
 
 def chat(srv: VLLMServer, content, max_tokens: int = 8, **extra):
+    """A chat completion; ``extra``: request fields beyond OpenAI's (None values dropped)."""
+    extra = {k: v for k, v in extra.items() if v is not None}
     c = client(srv)
     model = c.models.list().data[0].id
     return c.chat.completions.create(
@@ -142,11 +144,17 @@ def usage_after_prefill(
 
 def skip_count(srv: VLLMServer, reason: str) -> float:
     """``meda:requests_skipped_total{reason=...}`` of a server (0 before the first one)."""
+    return labelled(srv, "meda:requests_skipped_total", "reason", reason)
+
+
+def labelled(srv: VLLMServer, name: str, label: str, value: str) -> float:
+    """The sample of ``name`` whose ``label`` is ``value`` (0 when absent)."""
     import re
 
     import requests
 
     text = requests.get(srv.url + "/metrics", timeout=10).text
-    pattern = r'^meda:requests_skipped_total\{[^}]*reason="' + reason + r'"[^}]*\} (\S+)$'
+    labels = r"\{[^}]*" + label + r'="' + re.escape(value) + r'"[^}]*\}'
+    pattern = r"^" + re.escape(name) + labels + r" (\S+)$"
     m = re.search(pattern, text, re.M)
     return float(m.group(1)) if m else 0.0

@@ -33,13 +33,7 @@ def comp_server(sharp_model_dir, dump_dir, tmp_path_factory):
 def fault_server(sharp_model_dir, dump_dir, tmp_path_factory):
     """Chunked prefill (64-token chunks), and the fault shim: ``fault_file`` picks the fault."""
     logs = tmp_path_factory.mktemp("logs")
-    fault_file = logs / "fault"
-    fault_file.write_text("")
-    env = {
-        "MEDA_VLLM_PLAN_DUMP": str(dump_dir),
-        "PYTHONPATH": check.shim_pythonpath(),
-        "MEDA_TEST_FAULT_FILE": str(fault_file),
-    }
+    env, fault_file = check.fault_env(logs, dump_dir)
     chunked = ["--max-num-batched-tokens", "64", "--enable-chunked-prefill"]
     with VLLMServer(
         sharp_model_dir, [*SERVER_FLAGS, *chunked], logs / "oracle-fault.log", env=env

@@ -67,8 +67,8 @@ def test_benchmark_samples_entropy_rows_as_the_server():
     import torch
 
     from meda_vllm.config import KVPolicyConfig
-    from meda_vllm.kernels.synthetic import synthetic_vis
     from meda_vllm.policies import build_policy
+    from meda_vllm.testing.synthetic import synthetic_vis
 
     spec = importlib.util.spec_from_file_location("bench_kernels_mod", SCRIPT)
     bench = importlib.util.module_from_spec(spec)

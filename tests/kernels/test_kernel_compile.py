@@ -1,7 +1,7 @@
 """Every kernel launch compiles for sm_90a and sm_80 without a GPU, without spills.
 
 The interpreter tests check what the kernels compute; they never lower a kernel. This
-runs ``python -m meda_vllm.kernels.compile_check`` (Triton's compiler + the ptxas it
+runs ``python -m meda_vllm.testing.compile_check`` (Triton's compiler + the ptxas it
 ships, no CUDA driver needed) in its own process, because this directory's kernels were
 imported in interpreter mode.
 """
@@ -18,8 +18,8 @@ import torch
 
 import meda_vllm.kernels as kernels_pkg
 from meda_vllm.kernels import PagedKVLayout, paged_window_scores
-from meda_vllm.kernels.compile_check import TILE_KERNELS, parse_ptxas
-from meda_vllm.kernels.dispatch import recording_launches
+from meda_vllm.testing.compile_check import TILE_KERNELS, parse_ptxas
+from meda_vllm.testing.launches import recording_launches
 
 NEEDS_INTERPRETER = False  # nothing here runs a kernel in this process
 KERNEL_DIR = Path(kernels_pkg.__file__).resolve().parent
@@ -73,7 +73,7 @@ def _all_kernel_names() -> set[str]:
 def test_every_kernel_launch_compiles_for_sm90_and_sm80(tmp_path):
     out = tmp_path / "compile.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "meda_vllm.kernels.compile_check", "--json", str(out)],
+        [sys.executable, "-m", "meda_vllm.testing.compile_check", "--json", str(out)],
         env=_compiler_env(),
         capture_output=True,
         text=True,
@@ -98,8 +98,8 @@ def test_compile_check_reports_a_kernel_that_does_not_compile(tmp_path):
     script = textwrap.dedent(
         """
         import json, sys, torch, triton, triton.language as tl
-        from meda_vllm.kernels.compile_check import compile_launch
-        from meda_vllm.kernels.dispatch import LaunchRecord
+        from meda_vllm.testing.compile_check import compile_launch
+        from meda_vllm.testing.launches import LaunchRecord
 
         @triton.jit
         def _bad_kernel(x_ptr, N: tl.constexpr):
@@ -133,7 +133,7 @@ def test_compile_check_reports_tiles_loaded_element_by_element(tmp_path):
     script = textwrap.dedent(
         """
         import json, torch
-        from meda_vllm.kernels import compile_check as cc
+        from meda_vllm.testing import compile_check as cc
         case = next(c for c in cc.CASES if c.name == "llava-1.5-7b" and c.dtype == torch.bfloat16)
         launch = next(
             l for l in cc.record(case, 132) if l.kernel.fn.__name__ == "_split_stats_kernel"

@@ -1,4 +1,4 @@
-"""Layer sets: every op given a sequence of layer caches (``CacheSet``: one launch for all
+"""Layer sets: every op given a sequence of layer caches (``LayerSet``: one launch for all
 layers, heads layer-major) must equal the same op run layer by layer.
 
 The caches are separate allocations passed out of allocation order, so the kernels'
@@ -21,7 +21,7 @@ from meda_vllm.kernels import (
     paged_window_scores,
 )
 from meda_vllm.kernels.layout import check_caches
-from meda_vllm.kernels.synthetic import paged_request
+from meda_vllm.testing.synthetic import paged_request
 
 ORDER = [2, 0, 1]  # not the allocation order
 

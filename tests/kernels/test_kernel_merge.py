@@ -1,4 +1,5 @@
-"""paged_merge / merge_match vs torch reference vs a per-token brute force.
+"""paged_merge / merge_match vs their torch path (the core's ``merging.nearest_kept`` and
+``merge_into_kept`` on gathered K, V) vs a per-token brute force.
 
 Merging is per KV head, so the GQA ratio does not apply; the number of KV heads
 (1, 4, 7) is varied instead.
@@ -8,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from meda_vllm.kernels import merge_match, paged_merge, paged_merge_reference
+from meda_vllm.kernels import merge_match, paged_merge
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 
@@ -112,7 +113,7 @@ def test_merge_weighted_zero_weights_fall_back_to_average(paged, store_tol):
     scores[0] = 0.0  # head 0: all weights zero -> plain average
     scores[1, :20] = 0.0  # head 1: some groups with zero weight only
     got = _run(p, kept, "weighted", scores, store_tol)
-    avg = paged_merge_reference(p.cache, p.layout, p.row, p.n, kept, "average")
+    avg = paged_merge(p.cache, p.layout, p.row, p.n, kept, "average", backend="torch")
     assert torch.equal(got[0][0], avg[0][0]) and torch.equal(got[1][0], avg[1][0])
 
 
@@ -167,21 +168,6 @@ def test_merge_gpu_real_size(paged, h_kv):
     scores = torch.rand(h_kv, p.n, device="cuda")
     for mode in ("average", "weighted"):
         got = paged_merge(p.cache, p.layout, p.row, p.n, kept, mode, scores)
-        ref = paged_merge_reference(p.cache, p.layout, p.row, p.n, kept, mode, scores)
+        ref = paged_merge(p.cache, p.layout, p.row, p.n, kept, mode, scores, backend="torch")
         torch.testing.assert_close(got[0], ref[0], atol=2e-2, rtol=1.6e-2)
         torch.testing.assert_close(got[1], ref[1], atol=2e-2, rtol=1.6e-2)
-
-
-def test_reference_reuses_a_given_match(layout_case):
-    """``paged_merge_reference(matched=...)`` (the benchmark computes the match once) gives
-    what it computes itself, for both modes."""
-    from meda_vllm.kernels import merge_match_reference
-
-    p = layout_case("nhd", 16, 90, 2)
-    kept = random_kept(2, 90, 20, seed=4)
-    matched = merge_match_reference(p.cache, p.layout, p.row, p.n, kept)
-    scores = torch.rand(2, 90)
-    for mode, s in (("average", None), ("weighted", scores)):
-        own = paged_merge_reference(p.cache, p.layout, p.row, p.n, kept, mode, s)
-        given = paged_merge_reference(p.cache, p.layout, p.row, p.n, kept, mode, s, matched=matched)
-        assert all(torch.equal(a, b) for a, b in zip(own, given, strict=True))

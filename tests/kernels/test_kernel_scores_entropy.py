@@ -11,9 +11,9 @@ from meda_vllm.kernels import (
     paged_scores_and_entropy,
     paged_window_scores,
 )
-from meda_vllm.kernels.dispatch import recording_launches
 from meda_vllm.kernels.split_stats import _row_tiles
-from meda_vllm.kernels.synthetic import paged_request
+from meda_vllm.testing.launches import recording_launches
+from meda_vllm.testing.synthetic import paged_request
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 

@@ -15,12 +15,12 @@ from torch.utils._pytree import tree_flatten
 
 pytest.importorskip("pydantic")
 
-from meda_vllm.compress import required_query_positions, score_rows  # noqa: E402
+from meda_vllm.compress import required_query_positions  # noqa: E402
 from meda_vllm.config import KVPolicyConfig  # noqa: E402
-from meda_vllm.kernels.synthetic import paged_request  # noqa: E402
 from meda_vllm.paged_view import apply_plan, plan_paged_request  # noqa: E402
 from meda_vllm.policies import build_policy  # noqa: E402
 from meda_vllm.policies.meda import MEDAPolicy  # noqa: E402
+from meda_vllm.testing.synthetic import paged_request  # noqa: E402
 from meda_vllm.workspace import layer_cost  # noqa: E402
 
 
@@ -88,7 +88,7 @@ def _cost(req, cfg, pos, heads, p, *, fast, merged_retained):
     return layer_cost(
         req.n, p, heads=heads, kv_heads=req.layouts[0].num_kv_heads,
         head_size=req.layouts[0].head_size, dtype=req.caches[0].dtype,
-        merge=policy.merge, score_rows=score_rows(cfg, req.n), entropy_rows=entropy,
+        merge=policy.merge, score_rows=policy.score_rows(req.n), entropy_rows=entropy,
         query_rows=int(pos.numel()), fast=fast, merged_retained=merged_retained,
     )  # fmt: skip
 

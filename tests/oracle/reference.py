@@ -6,8 +6,9 @@ loads, it shares none of vLLM's code (processor output aside) and none of the ad
 1. prefills the full prompt with its own attention (causal SDPA, GQA by repetition),
    recording every layer's post-RoPE queries; keys and values come from its own cache;
 2. plans the compression from those tensors with the project's torch core
-   (``meda_vllm.compress.compress`` on dense views, ``pad_to="max"`` like the engine's
-   phase 1), its modality mask from the processor's token ids;
+   (``meda_vllm.compress.compress`` on dense views, ``pad_to="max"`` per KV cache group
+   like the engine: ``kv_layer_groups`` runs of consecutive layers), its modality mask
+   from the processor's token ids;
 3. keeps, in every layer and KV head, exactly the planned entries (merged K/V for the
    merging policies) and decodes greedily at *logical* positions (M-RoPE: the prompt's
    rope delta plus the logical index), attention over every kept entry.
@@ -19,16 +20,18 @@ checks the server's kept sets (``MEDA_VLLM_PLAN_DUMP``) and its tokens and logpr
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from meda_vllm import merging
 from meda_vllm.compress import compress, required_query_positions
 from meda_vllm.config import KVPolicyConfig
 from meda_vllm.types import CompressionPlan, LayerView
@@ -105,6 +108,9 @@ class OracleResult:
     logprobs: list[float]
     plan: CompressionPlan | None
     vis: torch.Tensor | None
+    #: merges whose target was a near-tie (``TIE_MARGIN``), in the order met: the server's
+    #: float noise may pick the other target; ``Oracle.run(ties_flipped=...)`` decodes that
+    ties: list[str] = field(default_factory=list)
 
 
 class Oracle:
@@ -151,9 +157,16 @@ class Oracle:
         return self.processor(text=[text], return_tensors="pt", **kwargs)
 
     @torch.no_grad()
-    def run(self, content: list[dict], cfg: KVPolicyConfig | None, max_tokens: int) -> OracleResult:
+    def run(
+        self,
+        content: list[dict],
+        cfg: KVPolicyConfig | None,
+        max_tokens: int,
+        ties_flipped: frozenset[int] = frozenset(),
+    ) -> OracleResult:
         """Greedy decode of ``content``; compressed with ``cfg`` after the prefill (None or a
-        policy that evicts nothing: the full cache)."""
+        policy that evicts nothing: the full cache). ``ties_flipped``: indices into the
+        result's ``ties`` whose evicted entry merges into its second most similar kept key."""
         global _QUERIES
         from transformers import DynamicCache
 
@@ -181,9 +194,10 @@ class Oracle:
             queries = _QUERIES
         finally:
             _QUERIES = None
-        plan = None
+        plan, ties = None, []
         if cfg is not None:
-            plan = self._compress(cache, queries, vis, n, cfg)
+            with _tie_aware_matching(ties, ties_flipped):
+                plan = self._compress(cache, queries, vis, n, cfg)
         tokens, logprobs = [], []
         logits = out.logits[0, -1].float()
         for step in range(max_tokens):
@@ -201,7 +215,7 @@ class Oracle:
                 use_cache=True,
             )
             logits = out.logits[0, -1].float()
-        return OracleResult(ids[0].tolist(), tokens, logprobs, plan, vis)
+        return OracleResult(ids[0].tolist(), tokens, logprobs, plan, vis, ties)
 
     @staticmethod
     def _compress(cache, queries, vis, n: int, cfg: KVPolicyConfig) -> CompressionPlan | None:
@@ -215,7 +229,9 @@ class Oracle:
                 keys=keys, values=values, queries=queries[layer][:, qpos], query_pos=qpos, vis=vis
             )
 
-        plan = compress(view, len(layers), cfg, n, pad_to="max")
+        # one physical length per KV cache group (kv_layer_groups runs of consecutive layers)
+        groups = [layer * cfg.kv_layer_groups // len(layers) for layer in range(len(layers))]
+        plan = compress(view, len(layers), cfg, n, pad_to="max", groups=groups)
         if plan is None:
             return None
         for layer, lp in zip(layers, plan.layers, strict=True):
@@ -226,3 +242,40 @@ class Oracle:
             layer.keys = kept_k.to(keys.dtype)[None].contiguous()
             layer.values = kept_v.to(values.dtype)[None].contiguous()
         return plan
+
+
+#: cosine-similarity margin below which a merge target counts as a tie: the server's keys
+#: differ from the oracle's by float rounding (~1e-6), enough to pick the other target.
+#: Repeated tokens tie exactly by symmetry (the same token at RoPE distances d and -d of an
+#: evicted copy), so prompts with chat templates meet ties often.
+TIE_MARGIN = 1e-5
+
+
+@contextlib.contextmanager
+def _tie_aware_matching(ties: list[str], flipped: frozenset[int]):
+    """While planning: record every near-tie merge target (appended to ``ties``, in call
+    order) and send the ties named in ``flipped`` to their second most similar kept key."""
+    real = merging.nearest_kept
+    layer = iter(range(1 << 30))  # called once per merged layer, in layer order
+
+    def nearest_kept(keys, kept, evicted):
+        target = real(keys, kept, evicted)
+        index = next(layer)
+        for head in range(keys.shape[0]):
+            if evicted.shape[1] == 0 or kept.shape[1] < 2:
+                continue
+            k_kept = F.normalize(keys[head, kept[head]].float(), dim=-1)
+            k_ev = F.normalize(keys[head, evicted[head]].float(), dim=-1)
+            top = (k_ev @ k_kept.t()).topk(2, dim=-1)
+            for i in (top.values[:, 0] - top.values[:, 1] < TIE_MARGIN).nonzero().flatten():
+                if len(ties) in flipped:  # the other of the two (topk orders a tie freely)
+                    first, second = top.indices[i, 0], top.indices[i, 1]
+                    target[head, i] = second if target[head, i] == first else first
+                ties.append(f"merged layer {index} head {head} evicted {int(evicted[head, i])}")
+        return target
+
+    merging.nearest_kept = nearest_kept
+    try:
+        yield
+    finally:
+        merging.nearest_kept = real

@@ -12,7 +12,7 @@ import torch
 from _util import EVICTING_POLICIES, make_request
 
 from meda_vllm import policies
-from meda_vllm.compress import compress, required_query_positions, score_rows
+from meda_vllm.compress import compress, required_query_positions
 from meda_vllm.config import KVPolicyConfig
 from meda_vllm.merging import merge_evicted
 from meda_vllm.policies import build_policy, get_policy, register_policy
@@ -124,8 +124,8 @@ def test_required_query_positions():
     assert rows(kv_policy="none").numel() == 0
     assert rows(kv_policy="full").numel() == 0
     assert rows(kv_policy="snapkv", kv_budget=1.0).numel() == 0
-    assert score_rows(KVPolicyConfig(kv_policy="h2o"), n) == 1024
-    assert score_rows(KVPolicyConfig(kv_policy="snapkv"), 10) == 10
+    assert KVPolicyConfig(kv_policy="h2o").policy.score_rows(n) == 1024
+    assert KVPolicyConfig(kv_policy="snapkv").policy.score_rows(10) == 10
 
 
 def test_absolute_budget():
@@ -214,3 +214,27 @@ def test_core_does_not_import_vllm():
         "sys.exit(1 if any(m == 'vllm' or m.startswith('vllm.') for m in sys.modules) else 0)"
     )
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_an_inherited_knob_keeps_the_setting_of_the_policy_that_declared_it():
+    from meda_vllm.policies.knobs import integer, knob, knobs_of
+
+    @dataclass(frozen=True)
+    class Parent(SnapKVPolicy):
+        name = "test_parent"
+        depth: int = knob(3, integer(1), "how deep")
+
+    @dataclass(frozen=True)
+    class Child(Parent):
+        name = "test_child"
+
+    @dataclass(frozen=True)
+    class Redeclared(Parent):
+        name = "test_redeclared"
+        depth: int = knob(5, integer(1), "deeper")
+
+    def setting(cls):
+        return next(k.setting for k in knobs_of(cls) if k.field == "depth")
+
+    assert setting(Parent) == setting(Child) == "kv_test_parent_depth"
+    assert setting(Redeclared) == "kv_test_redeclared_depth"

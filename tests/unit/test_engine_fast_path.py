@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from meda_vllm import paged_view
-from meda_vllm.compress import compress, required_query_positions, score_rows
+from meda_vllm.compress import compress, required_query_positions
 from meda_vllm.config import KVPolicyConfig
-from meda_vllm.kernels.synthetic import paged_request
 from meda_vllm.policies import build_policy
 from meda_vllm.selection import rows_for_positions
+from meda_vllm.testing.synthetic import paged_request
 from meda_vllm.types import LayerView
 
 
@@ -28,7 +28,7 @@ def test_paged_overrides_give_the_core_plan(policy, monkeypatch):
     if policy == "lookm":
         cfg = cfg.merged({"kv_merge": "weighted"})
     pos = required_query_positions(cfg, n, vis)
-    score_sel = torch.nonzero(pos >= n - score_rows(cfg, n)).squeeze(1)
+    score_sel = torch.nonzero(pos >= n - cfg.policy.score_rows(n)).squeeze(1)
     ent_sel = None
     if policy == "meda":
         ent_pos = build_policy(cfg).entropy_positions(n, vis)

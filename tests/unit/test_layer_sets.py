@@ -10,9 +10,9 @@ import torch
 
 from meda_vllm.compress import required_query_positions
 from meda_vllm.config import KVPolicyConfig
-from meda_vllm.kernels.synthetic import paged_request
 from meda_vllm.paged_view import apply_plan, paged_layer_view, plan_paged_request
 from meda_vllm.policies import build_policy
+from meda_vllm.testing.synthetic import paged_request
 
 POLICIES = ["snapkv", "pyramidkv", "meda", "madakv", "h2o", "lookm", "streamingllm"]
 
@@ -40,24 +40,24 @@ def test_layer_set_plan_is_the_per_layer_plan(policy, layout, monkeypatch):
     req = _request(layout)
     dense = _plan(req, cfg, 4, fast=False)
     per_layer = _plan(req, cfg, 4, fast=True, layer_sets=False)
-    stacked = _plan(req, cfg, 4, fast=True)
-    assert dense.stacked is None and per_layer.stacked is None
-    assert (stacked.stacked is not None) == build_policy(cfg).stackable
+    as_set = _plan(req, cfg, 4, fast=True)
+    assert dense.layer_set is None and per_layer.layer_set is None
+    assert (as_set.layer_set is not None) == build_policy(cfg).takes_layer_sets
     if policy in ("pyramidkv", "meda"):  # per-layer budgets: tiers differ between layers
-        assert len(set(stacked.layer_budgets)) > 1
+        assert len(set(as_set.layer_budgets)) > 1
     for other in (dense, per_layer):
-        assert stacked.layer_budgets == other.layer_budgets
-        assert stacked.fallback == other.fallback
-        for a, b in zip(other.layers, stacked.layers, strict=True):
+        assert as_set.layer_budgets == other.layer_budgets
+        assert as_set.fallback == other.fallback
+        for a, b in zip(other.layers, as_set.layers, strict=True):
             assert a.budget == b.budget
             assert torch.equal(a.kept, b.kept)
             assert (a.keys is None) == (b.keys is None)
             if a.keys is not None:
                 torch.testing.assert_close(b.keys, a.keys, rtol=1e-5, atol=1e-5)
                 torch.testing.assert_close(b.values, a.values, rtol=1e-5, atol=1e-5)
-    if stacked.stacked is not None:  # one compaction for all layers == layer by layer
+    if as_set.layer_set is not None:  # one compaction for all layers == layer by layer
         twin = _request(layout)
-        apply_plan(req.caches, req.layouts, req.row, stacked)
+        apply_plan(req.caches, req.layouts, req.row, as_set)
         apply_plan(twin.caches, twin.layouts, twin.row, per_layer)
         for x, y in zip(req.caches, twin.caches, strict=True):
             torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6)
@@ -102,7 +102,7 @@ def test_layer_set_plan_builds_no_per_layer_view(policy, monkeypatch):
     )
     cfg = KVPolicyConfig.from_mapping({"kv_policy": policy, "kv_budget": 0.3, "kv_window": 16})
     plan = _plan(_request("nhd"), cfg, 4, fast=True)
-    assert plan is not None and plan.stacked is not None
+    assert plan is not None and plan.layer_set is not None
     assert len(built) == 1 and isinstance(built[0], list) and len(built[0]) == 4
 
 
@@ -120,7 +120,7 @@ def test_layer_set_plan_without_cross_modal_rows(policy, modality, monkeypatch):
         _plan(req, cfg, 4, fast=True, layer_sets=False),
         _plan(req, cfg, 4, fast=True),
     ]
-    assert plans[2].stacked is not None
+    assert plans[2].layer_set is not None
     for other in plans[:2]:
         assert other.layer_budgets == plans[2].layer_budgets
         assert other.fallback == plans[2].fallback
@@ -138,9 +138,9 @@ def test_layers_of_different_layouts_are_planned_one_by_one(monkeypatch):
     req.layouts[1] = type(req.layouts[1]).from_logical(req.caches[1])
     cfg = KVPolicyConfig.from_mapping({"kv_policy": "snapkv", "kv_budget": 0.3, "kv_window": 16})
     mixed = _plan(req, cfg, 4, fast=True)
-    assert mixed.stacked is None
+    assert mixed.layer_set is None
     same = _plan(_request("nhd"), cfg, 4, fast=True)
-    assert same.stacked is not None
+    assert same.layer_set is not None
     for a, b in zip(mixed.layers, same.layers, strict=True):
         assert torch.equal(a.kept, b.kept)
 
@@ -181,13 +181,13 @@ def test_chunked_plan_is_the_unchunked_plan(policy, monkeypatch):
     )
     req = _request("nhd")
     whole, geometry = _geometry(req, cfg, monkeypatch)
-    assert whole.chunks is None and whole.stacked is not None  # everything fits: one set
+    assert whole.chunks is None and whole.layer_set is not None  # everything fits: one set
     sizes = {}
     for chunk in (1, 2, 3):
         req = _request("nhd")
         ws = _workspace_for(req, whole, geometry, chunk)
         plan = _plan(req, cfg, 4, fast=True, workspace=ws)
-        assert plan.chunks is not None and plan.stacked is None
+        assert plan.chunks is not None and plan.layer_set is None
         sizes[chunk] = [hi - lo for lo, hi, _ in plan.chunks]
         assert plan.layer_budgets == whole.layer_budgets
         assert plan.fallback == whole.fallback and plan.entropy == whole.entropy
@@ -196,11 +196,11 @@ def test_chunked_plan_is_the_unchunked_plan(policy, monkeypatch):
             assert torch.equal(a.kept, b.kept)
         for lo, hi, part in plan.chunks:
             keys, values = part.merged()
-            assert (keys is None) == (whole.stacked.keys is None)
+            assert (keys is None) == (whole.layer_set.keys is None)
             if keys is not None:
-                h = whole.stacked.kept.shape[0] // 4
-                torch.testing.assert_close(keys, whole.stacked.keys[lo * h : hi * h])
-                torch.testing.assert_close(values, whole.stacked.values[lo * h : hi * h])
+                h = whole.layer_set.kept.shape[0] // 4
+                torch.testing.assert_close(keys, whole.layer_set.keys[lo * h : hi * h])
+                torch.testing.assert_close(values, whole.layer_set.values[lo * h : hi * h])
         twin = _request("nhd")
         apply_plan(req.caches, req.layouts, req.row, plan)
         apply_plan(twin.caches, twin.layouts, twin.row, whole)

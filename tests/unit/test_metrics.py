@@ -94,21 +94,28 @@ def test_hooks_record_a_compression_and_the_memory(tmp_path, monkeypatch):
         model_config=SimpleNamespace(served_model_name="tiny"),
         parallel_config=SimpleNamespace(data_parallel_rank=0),
     )
-    group = SimpleNamespace(
-        kv_cache_spec=SimpleNamespace(page_size_bytes=1000), layer_names=["l0", "l1"]
-    )
+    # two KV cache groups of one layer each (kv_layer_groups=2): a block is one layer's
+    groups = [
+        SimpleNamespace(kv_cache_spec=SimpleNamespace(page_size_bytes=1000), layer_names=[name])
+        for name in ("l0", "l1")
+    ]
     state = SimpleNamespace(
         server=SimpleNamespace(kv_policy="meda", kv_budget=0.2, kv_window=32),
         manager=SimpleNamespace(block_pool=SimpleNamespace(num_gpu_blocks=101)),
         records={"a": SimpleNamespace(blocks_before=10, blocks_after=2)},
     )
     scheduler = SimpleNamespace(
-        vllm_config=vllm_config, kv_cache_config=SimpleNamespace(kv_cache_groups=[group])
+        vllm_config=vllm_config, kv_cache_config=SimpleNamespace(kv_cache_groups=groups)
     )
     metrics.on_scheduler_attached(scheduler, state)
     metrics.on_blocks_freed(state, 8)
     stats = SimpleNamespace(
-        n_prompt=100, kept=20, layer_budgets=[30, 10], seconds=0.01, fallback="text_only"
+        n_prompt=100,
+        kept=30,
+        layer_budgets=[30, 10],
+        seconds=0.01,
+        fallback="text_only",
+        group_kept=(30, 12),  # two KV cache groups (kv_layer_groups=2): physical lengths
     )
     metrics.on_compressed(vllm_config, stats, "meda")
     metrics.on_skip("disabled_by_request")
@@ -117,20 +124,23 @@ def test_hooks_record_a_compression_and_the_memory(tmp_path, monkeypatch):
     got = exposition(tmp_path)
     lab = (("engine", "0"), ("model_name", "tiny"))
     assert got[("meda:kv_blocks_freed_total", lab)] == 8
-    assert got[("meda:kv_bytes_saved_total", lab)] == 8 * 2 * 1000
+    assert got[("meda:kv_bytes_saved_total", lab)] == 8 * 1000
     assert got[("meda:kv_blocks_saved", lab)] == 8
     assert got[("meda:kv_cache_saved_perc", lab)] == pytest.approx(0.08)
     assert got[("meda:kv_cache_blocks", lab)] == 100
     assert got[("meda:workspace_bytes", lab)] == 3 << 20
     assert got[("meda:requests_skipped_total", (*lab, ("reason", "workspace")))] == 0
     assert got[("meda:kv_tokens_before_total", lab)] == 100
-    assert got[("meda:kv_tokens_after_total", lab)] == 20
+    assert got[("meda:kv_tokens_after_total", lab)] == 30
     assert got[("meda:requests_compressed_total", (*lab, ("policy", "meda")))] == 1
     assert got[("meda:requests_fallback_total", (*lab, ("reason", "text_only")))] == 1
     assert got[("meda:requests_skipped_total", (*lab, ("reason", "disabled_by_request")))] == 1
     assert got[("meda:requests_skipped_total", (*lab, ("reason", "short_prompt")))] == 0
     assert got[("meda:layer_budget_ratio", (("engine", "0"), ("layer", "0"), lab[1]))] == 0.3
     assert got[("meda:layer_kept_tokens_total", (("engine", "0"), ("layer", "1"), lab[1]))] == 10
+    for index, held in enumerate((30, 12)):
+        key = ("meda:group_kept_tokens_total", (("engine", "0"), ("group", str(index)), lab[1]))
+        assert got[key] == held
     info = ("meda:kv_policy_info", (*lab, ("budget", "0.2"), ("policy", "meda"), ("window", "32")))
     assert got[(info[0], tuple(sorted(info[1])))] == 1
     names = {name for name, _ in got}

@@ -91,6 +91,14 @@ METRICS: dict[str, MetricDef] = {
             "Per-layer budgets summed over compressed requests (divide by kv_tokens_before).",
             ("layer",),
         ),
+        MetricDef(
+            "meda:group_kept_tokens",
+            "counter",
+            "Physical tokens held per KV cache group after compaction (the most any of its "
+            "layers keeps; kv_layer_groups), summed over compressed requests (divide by "
+            "kv_tokens_before; layer_kept_tokens is the logical count).",
+            ("group",),
+        ),
         # scheduler (EngineCore process): the memory
         MetricDef(
             "meda:requests_skipped",

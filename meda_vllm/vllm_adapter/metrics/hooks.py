@@ -69,8 +69,11 @@ def on_scheduler_attached(scheduler: Any, state: Any) -> None:
     for reason in FALLBACK_REASONS:
         rec.inc("meda:requests_fallback", 0, reason=reason)
     rec.inc("meda:requests_compressed", 0, policy=cfg.kv_policy)
-    for layer in range(len(group.layer_names)):
+    groups = scheduler.kv_cache_config.kv_cache_groups
+    for layer in range(sum(len(g.layer_names) for g in groups)):
         rec.inc("meda:layer_kept_tokens", 0, layer=layer)
+    for index in range(len(groups)):
+        rec.inc("meda:group_kept_tokens", 0, group=index)
     for name in ("meda:compression_ratio", "meda:compression_seconds"):
         rec.observe(name, math.nan)  # creates the buckets, counts nothing
 
@@ -122,6 +125,8 @@ def on_compressed(vllm_config: Any, stats: Any, policy: str) -> None:
     for layer, budget in enumerate(stats.layer_budgets):
         rec.set("meda:layer_budget_ratio", budget / n, layer=layer)
         rec.inc("meda:layer_kept_tokens", budget, layer=layer)
+    for index, held in enumerate(stats.group_kept):
+        rec.inc("meda:group_kept_tokens", held, group=index)
 
 
 @_safe

@@ -56,19 +56,27 @@ def wrap_initialize_kv_cache(
     cls.initialize_kv_cache = initialize_kv_cache
 
 
+def _v2_ready(runner: Any) -> None:
+    from meda_vllm.vllm_adapter.patches.group_metadata import wrap_group_metadata
+    from meda_vllm.vllm_adapter.patches.model_state import wrap_model_state
+
+    wrap_model_state(runner)
+    wrap_group_metadata(runner)
+
+
 def apply_v1() -> None:
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
+    from meda_vllm.vllm_adapter.patches.group_metadata import wrap_group_metadata
+
     if not getattr(GPUModelRunner.initialize_kv_cache, "_meda", False):
-        wrap_initialize_kv_cache(GPUModelRunner, "_kernel_block_sizes")
+        wrap_initialize_kv_cache(GPUModelRunner, "_kernel_block_sizes", wrap_group_metadata)
         GPUModelRunner.initialize_kv_cache._meda = True
 
 
 def apply_v2() -> None:
     from vllm.v1.worker.gpu.model_runner import GPUModelRunner
 
-    from meda_vllm.vllm_adapter.patches.model_state import wrap_model_state
-
     if not getattr(GPUModelRunner.initialize_kv_cache, "_meda", False):
-        wrap_initialize_kv_cache(GPUModelRunner, "kernel_block_sizes", wrap_model_state)
+        wrap_initialize_kv_cache(GPUModelRunner, "kernel_block_sizes", _v2_ready)
         GPUModelRunner.initialize_kv_cache._meda = True

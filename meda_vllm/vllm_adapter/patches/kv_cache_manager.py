@@ -1,6 +1,7 @@
 """``vllm.v1.core.kv_cache_manager.KVCacheManager.free`` and, per scheduler, four methods
-of its full-attention ``SingleTypeKVCacheManager`` instance: ``get_num_blocks_to_allocate``,
-``allocate_new_blocks``, ``remove_skipped_blocks``, ``cache_blocks``.
+of its full-attention ``SingleTypeKVCacheManager`` instances (one per KV cache group):
+``get_num_blocks_to_allocate``, ``allocate_new_blocks``, ``remove_skipped_blocks``,
+``cache_blocks``.
 
 Why: the scheduler counts a request's tokens logically (positions, stop checks and
 ``max_model_len`` never change), while a compressed request holds fewer physical slots;
@@ -12,8 +13,9 @@ How:
 - ``free`` (class method), after the original: drop the request's record
   (``scheduler.forget``; finish, abort and preemption all free through it).
 - The four instance methods (installed by ``patches/scheduler.py`` when a scheduler is
-  built): the named token counts of a compressed request become ``n - removed`` before
-  the block arithmetic; ``cache_blocks`` does nothing for a compressed or armed request.
+  built): the named token counts of a compressed request become ``n - removed`` (the
+  manager's own group's) before the block arithmetic; ``cache_blocks`` does nothing
+  for a compressed or armed request.
 
 Remove when: vLLM supports shrinking a request's KV natively.
 """
@@ -44,13 +46,13 @@ def apply() -> None:
     KVCacheManager._meda_patched = True
 
 
-def _translating(method: Callable, state: Any, names: tuple[str, ...]):
-    """Wrap a manager method so the named token counts become physical counts."""
+def _translating(method: Callable, state: Any, group: int, names: tuple[str, ...]):
+    """Wrap group ``group``'s manager method so the named token counts become physical."""
     sig = inspect.signature(method)
 
     def wrapper(*args, **kwargs):
         bound = sig.bind(*args, **kwargs)
-        removed = state.removed(bound.arguments.get("request_id"))
+        removed = state.removed(bound.arguments.get("request_id"), group)
         if removed:
             for name in names:
                 if name in bound.arguments and bound.arguments[name]:
@@ -62,11 +64,17 @@ def _translating(method: Callable, state: Any, names: tuple[str, ...]):
 
 
 def install_overrides(state: Any) -> None:
-    """The instance overrides on ``state.manager`` (one scheduler's full-attention manager)."""
-    mgr = state.manager
+    """The instance overrides on ``state.managers`` (one scheduler's full-attention manager
+    of each KV cache group; each translates with its own group's kept length)."""
+    for group, mgr in enumerate(state.managers):
+        _override(state, group, mgr)
+
+
+def _override(state: Any, group: int, mgr: Any) -> None:
     mgr.get_num_blocks_to_allocate = _translating(
         mgr.get_num_blocks_to_allocate,
         state,
+        group,
         (
             "num_tokens",
             "total_computed_tokens",
@@ -76,10 +84,10 @@ def install_overrides(state: Any) -> None:
         ),
     )
     mgr.allocate_new_blocks = _translating(
-        mgr.allocate_new_blocks, state, ("num_tokens", "num_tokens_main_model")
+        mgr.allocate_new_blocks, state, group, ("num_tokens", "num_tokens_main_model")
     )
     mgr.remove_skipped_blocks = _translating(
-        mgr.remove_skipped_blocks, state, ("processed_computed_tokens",)
+        mgr.remove_skipped_blocks, state, group, ("processed_computed_tokens",)
     )
     orig_cache_blocks = mgr.cache_blocks
 

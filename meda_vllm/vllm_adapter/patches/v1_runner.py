@@ -29,37 +29,49 @@ from typing import Any
 
 
 def _apply_physical(runner: Any, state: Any, num_reqs: int, total: int) -> None:
-    """Slot mapping and seq_lens of compressed requests in physical terms."""
+    """Slot mapping and seq_lens of compressed requests in physical terms (per group)."""
     import torch
 
+    runner._meda_seq_deltas = None
     req_ids = runner.input_batch.req_ids[:num_reqs]
-    off = [state.removed.get(rid, 0) for rid in req_ids]
-    if not any(off):
+    off = [[state.removed_in(rid, g) for rid in req_ids] for g in range(state.num_groups)]
+    if not any(any(o) for o in off):
         return
-    off_cpu = torch.tensor(off, dtype=torch.int64)
-    off_dev = off_cpu.to(runner.seq_lens.device)
+    device = runner.seq_lens.device
     req_indices = runner.req_indices.gpu[:total]
-    positions = runner.positions[:total] - off_dev[req_indices]
-    runner.input_batch.block_table.compute_slot_mapping(
-        num_reqs, runner.query_start_loc.gpu[: num_reqs + 1], positions
-    )
-    runner.seq_lens[:num_reqs] -= off_dev.to(runner.seq_lens.dtype)
+    qsl = runner.query_start_loc.gpu[: num_reqs + 1]
+    tables = runner.input_batch.block_table
+    for group, group_off in enumerate(off):
+        off_dev = torch.tensor(group_off, dtype=torch.int64).to(device)
+        positions = runner.positions[:total] - off_dev[req_indices]
+        tables[group].compute_slot_mapping(num_reqs, qsl, positions)
+    # seq_lens in place by group 0's removed tokens; the other groups' metadata builds
+    # add the difference (patches/group_metadata.py)
+    off_cpu = torch.tensor(off[0], dtype=torch.int64)
+    runner.seq_lens[:num_reqs] -= off_cpu.to(device, runner.seq_lens.dtype)
     runner.optimistic_seq_lens_cpu[:num_reqs] -= off_cpu.to(runner.optimistic_seq_lens_cpu.dtype)
+    deltas = {}
+    for group in range(1, state.num_groups):
+        delta = torch.tensor([a - b for a, b in zip(off[0], off[group], strict=True)])
+        if delta.any():
+            deltas[group] = (delta.to(device), delta)
+    runner._meda_seq_deltas = deltas or None
 
 
-def _compress(runner: Any, state: Any, rid: str, cfg: dict[str, Any]) -> None:
+def _compress(runner: Any, state: Any, rid: str) -> None:
     req = runner.requests.get(rid)
     if req is None:
         return
-    row_ids = req.block_ids[0]
+    rows = req.block_ids  # one list of block ids per KV cache group
 
-    def truncate(keep_blocks: int) -> None:
-        del row_ids[keep_blocks:]  # in place: later appends extend this list
+    def truncate(keep_blocks: list[int]) -> None:
+        for ids, keep in zip(rows, keep_blocks, strict=True):
+            del ids[keep:]  # in place: later appends extend these lists
         index = runner.input_batch.req_id_to_index.get(rid)
         if index is not None:
             runner.input_batch.block_table.add_row(req.block_ids, index)
 
-    state.compress_request(rid, cfg, list(row_ids), truncate)
+    state.compress_request(rid, [list(ids) for ids in rows], truncate)
 
 
 def apply() -> None:
@@ -67,6 +79,7 @@ def apply() -> None:
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     from meda_vllm.vllm_adapter import capture, runner
+    from meda_vllm.vllm_adapter.patches.group_metadata import wrap_group_metadata
     from meda_vllm.vllm_adapter.patches.initialize_kv_cache import set_up
 
     if getattr(GPUModelRunner, "_meda_patched", False):
@@ -90,6 +103,7 @@ def apply() -> None:
             return result
         if not state.ready:  # fallback: initialize_kv_cache normally set it up
             set_up(self, state)
+            wrap_group_metadata(self)
         num_reqs = self.input_batch.num_reqs
         _apply_physical(self, state, num_reqs, scheduler_output.total_num_scheduled_tokens)
         step = state.plan_capture(
@@ -106,6 +120,7 @@ def apply() -> None:
             out = orig_execute(self, scheduler_output, *args, **kwargs)
         finally:
             capture.set_step(None)
+            self._meda_seq_deltas = None  # never seen by a later dummy run's metadata
         return runner.after_forward(self, scheduler_output, out, _compress)
 
     def sample_tokens(self, *args, **kwargs):

@@ -73,19 +73,19 @@ def register() -> None:
 
     def apply_plan(caches, layouts, row, plan):
         if fault() == "kept_index":
-            target = plan.stacked if plan.stacked is not None else plan.layers[0]
+            target = plan.layer_set if plan.layer_set is not None else plan.layers[0]
             _swap_one_kept(target.kept)
         orig_apply(caches, layouts, row, plan)
         injected("compact")  # after the in-place rewrite: the pages no longer hold the prompt
 
-    def compress_request(self, rid, cfg, row_ids, truncate):
+    def compress_request(self, rid, row_ids, truncate):
         def cut(keep_blocks):
             injected("truncate")
             truncate(keep_blocks)
 
-        orig_compress(self, rid, cfg, row_ids, cut)
+        orig_compress(self, rid, row_ids, cut)
         if fault() == "slot_shift" and rid in self.removed:
-            self.removed[rid] += 1
+            self.removed[rid] = tuple(r + 1 for r in self.removed[rid])
 
     worker.apply_plan = apply_plan
     worker.plan_paged_request = plan_paged_request

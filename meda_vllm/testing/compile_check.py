@@ -6,8 +6,8 @@ the lowering, layouts that do not fit, register spills, shared memory over the S
 limit. Triton can compile for a CUDA target without a driver (``ptxas`` ships with it),
 so this module
 
-1. runs every public op at real model geometries inside
-   :func:`~.dispatch.recording_launches`, which makes the launchers take their GPU branch
+1. runs every public op at real model geometries inside ``recording_launches``
+   (:mod:`meda_vllm.testing.launches`), which makes the launchers take their GPU branch
    (tile sizes, split counts, tensor-core operand types) and record each launch instead of
    running it;
 2. specialises each launch exactly as Triton's JIT would (the same binder and
@@ -21,8 +21,8 @@ so this module
 
 Usage (no GPU, Triton's own interpreter must be off)::
 
-    python -m meda_vllm.kernels.compile_check                # sm_90a and sm_80
-    python -m meda_vllm.kernels.compile_check --arch 90 --json out.json
+    python -m meda_vllm.testing.compile_check                # sm_90a and sm_80
+    python -m meda_vllm.testing.compile_check --arch 90 --json out.json
 
 Exit status 1 when a launch fails to compile, spills registers, needs more shared memory
 than the architecture has, or loads its tiles element by element. The matrix is
@@ -45,17 +45,16 @@ from dataclasses import asdict, dataclass
 import torch
 import triton
 
-from . import (
+from meda_vllm.kernels import (
     compact_,
     gather_kv,
     paged_cross_modal_entropy,
     paged_merge,
     paged_scores_and_entropy,
     paged_window_scores,
-    pool_scores,
 )
-from .dispatch import recording_launches
-from .synthetic import paged_request
+from meda_vllm.testing.launches import recording_launches
+from meda_vllm.testing.synthetic import paged_request
 
 # Shared memory per block an architecture grants (bytes, opt-in maximum).
 SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
@@ -151,8 +150,6 @@ def record(case: Case, num_sms: int):
             t = "triton"
             gather_kv(c, lay, row, n, backend=t)
             paged_window_scores(p["q"], p["q_pos"], c, lay, row, n, backend=t)
-            for mode in ("max", "avg"):
-                pool_scores(p["scores"], 7, mode, backend=t)
             both_q = torch.cat([p["q"], p["q_ent"]], dim=1)
             both_pos = torch.cat([p["q_pos"], p["ent_pos"]])
             for causal in (False, True):

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .layout import PagedKVLayout
+from meda_vllm.kernels.layout import PagedKVLayout
 
 
 @dataclass
