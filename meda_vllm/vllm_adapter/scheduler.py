@@ -55,6 +55,7 @@ class SchedulerCompression:
     pending: set[str] = field(default_factory=set)
     # request ids whose compaction failed in the worker: preempted after this step's output
     recompute: set[str] = field(default_factory=set)
+    stepping: bool = False  # inside update_from_output (note_held runs once at its end)
 
     @property
     def manager(self) -> Any:  # the first group's (pool size, metrics)
@@ -176,6 +177,12 @@ def recompute_failed(scheduler: Any, state: SchedulerCompression) -> None:
         getattr(scheduler, "prev_step_scheduled_req_ids", set()).discard(rid)
         logger.warning("meda-vllm: %s preempted for recompute after a failed compaction", rid)
     state.recompute.clear()
+
+
+def note_held(state: SchedulerCompression) -> None:
+    """Publish the blocks each KV cache group holds (after a step, after a free): a few
+    list lengths per running request."""
+    metrics.on_blocks_held([sum(map(len, m.req_to_blocks.values())) for m in state.managers])
 
 
 def forget(state: SchedulerCompression, rid: str) -> None:

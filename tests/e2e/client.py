@@ -149,12 +149,16 @@ def skip_count(srv: VLLMServer, reason: str) -> float:
 
 def labelled(srv: VLLMServer, name: str, label: str, value: str) -> float:
     """The sample of ``name`` whose ``label`` is ``value`` (0 when absent)."""
+    return by_label(srv, name, label).get(value, 0.0)
+
+
+def by_label(srv: VLLMServer, name: str, label: str) -> dict[str, float]:
+    """Every sample of ``name`` from one scrape, by the value of its ``label``."""
     import re
 
     import requests
 
     text = requests.get(srv.url + "/metrics", timeout=10).text
-    labels = r"\{[^}]*" + label + r'="' + re.escape(value) + r'"[^}]*\}'
+    labels = r"\{[^}]*" + label + r'="([^"]*)"[^}]*\}'
     pattern = r"^" + re.escape(name) + labels + r" (\S+)$"
-    m = re.search(pattern, text, re.M)
-    return float(m.group(1)) if m else 0.0
+    return {m.group(1): float(m.group(2)) for m in re.finditer(pattern, text, re.M)}

@@ -6,12 +6,14 @@ decode still equals the oracle's (which pads each group to its own largest budge
 from __future__ import annotations
 
 import json
+import threading
 import time
 
 import pytest
 
 from tests.e2e.client import (
     MetricPeaks,
+    by_label,
     chat,
     labelled,
     run_concurrently,
@@ -98,6 +100,46 @@ def test_each_layer_group_holds_only_its_own_kept_tokens(groups_server, dump_dir
         assert time.time() < deadline, (added, physical)
         time.sleep(0.2)
     assert wait_idle(groups_server)["vllm:kv_cache_usage_perc"] == 0.0
+
+
+def test_the_pages_each_group_holds_are_published(groups_server, dump_dir):
+    """``meda:group_blocks_held{group}`` while one MEDA request decodes: each group's own
+    kept tokens plus what it decoded so far, in blocks (the groups differ); 0 when idle."""
+    srv = groups_server
+    block_size, _ = srv.cache_geometry()
+    tokens = 96
+    content = check.cases(448)["images"]
+    done = threading.Event()
+    answer = []
+
+    def send():
+        try:
+            answer.append(check.ask(srv, content, {"kv_policy": "meda"}, max_tokens=tokens))
+        finally:
+            done.set()
+
+    thread = threading.Thread(target=send)
+    thread.start()
+    seen = []  # scrapes while the request held pages in every group
+    while not done.is_set():
+        held = by_label(srv, "meda:group_blocks_held", "group")
+        if len(held) == GROUPS and all(held.values()):
+            seen.append([int(held[str(g)]) for g in range(GROUPS)])
+        time.sleep(0.05)
+    thread.join()
+    dump = check.load_dump(dump_dir, answer[0].request_id)
+    kept = [int(k.shape[1]) for k in dump["kept"]]  # one layer per group
+    low = [-(-p // block_size) for p in kept]
+    high = [-(-(p + tokens) // block_size) for p in kept]
+    assert seen, "no scrape saw the request's pages"
+    last = seen[-1]  # decoding: compressed long before its last token
+    assert all(lo <= h <= hi for lo, h, hi in zip(low, last, high, strict=True)), (
+        last, low, high, kept)  # fmt: skip
+    assert len(set(last)) > 1, last
+    deadline = time.time() + 30  # the scheduler's metrics are written coalesced
+    while any(by_label(srv, "meda:group_blocks_held", "group").values()):
+        assert time.time() < deadline, by_label(srv, "meda:group_blocks_held", "group")
+        time.sleep(0.2)
 
 
 @pytest.mark.parametrize("policy", check.EVICTING)

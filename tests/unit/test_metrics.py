@@ -120,6 +120,7 @@ def test_hooks_record_a_compression_and_the_memory(tmp_path, monkeypatch):
     metrics.on_compressed(vllm_config, stats, "meda")
     metrics.on_skip("disabled_by_request")
     metrics.on_workspace(vllm_config, 3 << 20)
+    metrics.on_blocks_held([7, 2])
     metrics.recorder().flush()
     got = exposition(tmp_path)
     lab = (("engine", "0"), ("model_name", "tiny"))
@@ -140,6 +141,9 @@ def test_hooks_record_a_compression_and_the_memory(tmp_path, monkeypatch):
     assert got[("meda:layer_kept_tokens_total", (("engine", "0"), ("layer", "1"), lab[1]))] == 10
     for index, held in enumerate((30, 12)):
         key = ("meda:group_kept_tokens_total", (("engine", "0"), ("group", str(index)), lab[1]))
+        assert got[key] == held
+    for index, held in enumerate((7, 2)):
+        key = ("meda:group_blocks_held", (("engine", "0"), ("group", str(index)), lab[1]))
         assert got[key] == held
     info = ("meda:kv_policy_info", (*lab, ("budget", "0.2"), ("policy", "meda"), ("window", "32")))
     assert got[(info[0], tuple(sorted(info[1])))] == 1

@@ -65,6 +65,7 @@ from meda_vllm.vllm_adapter.metrics.collector import (
 )
 from meda_vllm.vllm_adapter.metrics.hooks import (
     on_blocks_freed,
+    on_blocks_held,
     on_compressed,
     on_records_changed,
     on_scheduler_attached,
@@ -87,6 +88,7 @@ __all__ = [
     "init_process",
     "merge_snapshots",
     "on_blocks_freed",
+    "on_blocks_held",
     "on_compressed",
     "on_records_changed",
     "on_scheduler_attached",

@@ -128,6 +128,13 @@ METRICS: dict[str, MetricDef] = {
             "the usage without compression; 1 = 100 percent).",
         ),
         MetricDef(
+            "meda:group_blocks_held",
+            "gauge",
+            "KV cache blocks (pages) held now by all running requests in each KV cache group "
+            "(kv_layer_groups; a block shared through prefix caching counts once per request).",
+            ("group",),
+        ),
+        MetricDef(
             "meda:kv_cache_blocks",
             "gauge",
             "Usable blocks in the KV cache pool (the denominator of vllm:kv_cache_usage_perc).",

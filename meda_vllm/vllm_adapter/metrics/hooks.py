@@ -74,6 +74,7 @@ def on_scheduler_attached(scheduler: Any, state: Any) -> None:
         rec.inc("meda:layer_kept_tokens", 0, layer=layer)
     for index in range(len(groups)):
         rec.inc("meda:group_kept_tokens", 0, group=index)
+        rec.set("meda:group_blocks_held", 0, group=index)
     for name in ("meda:compression_ratio", "meda:compression_seconds"):
         rec.observe(name, math.nan)  # creates the buckets, counts nothing
 
@@ -108,6 +109,14 @@ def on_records_changed(state: Any) -> None:
     rec = recorder()
     rec.set("meda:kv_blocks_saved", saved)
     rec.set("meda:kv_cache_saved_perc", saved / ctx.pool_blocks)
+
+
+@_safe
+def on_blocks_held(held: list[int]) -> None:
+    """After a scheduler step or a free: the blocks each KV cache group holds now."""
+    rec = recorder()
+    for index, blocks in enumerate(held):
+        rec.set("meda:group_blocks_held", blocks, group=index)
 
 
 @_safe

@@ -11,7 +11,8 @@ The per-request record must go when the request's blocks are freed.
 
 How:
 - ``free`` (class method), after the original: drop the request's record
-  (``scheduler.forget``; finish, abort and preemption all free through it).
+  (``scheduler.forget``; finish, abort and preemption all free through it) and publish
+  the blocks each group still holds (``scheduler.note_held``).
 - The four instance methods (installed by ``patches/scheduler.py`` when a scheduler is
   built): the named token counts of a compressed request become ``n - removed`` (the
   manager's own group's) before the block arithmetic; ``cache_blocks`` does nothing
@@ -41,6 +42,8 @@ def apply() -> None:
         state = getattr(self, "_meda", None)
         if state is not None:
             logic.forget(state, request.request_id)
+            if not state.stepping:  # an abort between steps; a step publishes at its end
+                logic.note_held(state)
 
     KVCacheManager.free = free
     KVCacheManager._meda_patched = True

@@ -7,14 +7,15 @@ length, so freed pages are visible to admission and ``vllm:kv_cache_usage_perc``
 How:
 - ``__init__``, after the original: per-scheduler state (``scheduler.attach``) and the
   KV manager's overrides (``patches/kv_cache_manager.py``).
-- ``schedule``, after the original: sets ``SchedulerOutput.meda_compress =
-  {rid: settings}`` for requests whose final prefill chunk runs in this step
-  (``scheduler.arm``).
+- ``schedule``, after the original: lists on ``SchedulerOutput`` (``protocol.ARM_ATTR``)
+  the ids of requests whose final prefill chunk runs in this step (``scheduler.arm``;
+  the worker resolves each one's settings from its own sampling params).
 - ``update_from_output``: before the original, truncates the compressed requests' block
   lists and frees their tail blocks (``scheduler.commit``, reading
   ``ModelRunnerOutput.meda_compressed``); after it, preempts a request whose compaction
   failed half way, with vLLM's own ``_preempt_request``, so it is recomputed uncompressed
-  (``scheduler.recompute_failed``).
+  (``scheduler.recompute_failed``), and publishes the blocks each KV cache group holds
+  (``scheduler.note_held``, ``meda:group_blocks_held``).
 
 Remove when: vLLM supports shrinking a request's KV natively.
 """
@@ -50,11 +51,17 @@ def apply() -> None:
 
     def update_from_output(self, scheduler_output, model_runner_output):
         state = getattr(self, "_meda", None)
-        if state is not None:
-            logic.commit(self, state, model_runner_output)
-        outputs = orig_update(self, scheduler_output, model_runner_output)
-        if state is not None and state.recompute:
+        if state is None:
+            return orig_update(self, scheduler_output, model_runner_output)
+        logic.commit(self, state, model_runner_output)
+        state.stepping = True  # frees in this step: published once, below
+        try:
+            outputs = orig_update(self, scheduler_output, model_runner_output)
+        finally:
+            state.stepping = False
+        if state.recompute:
             logic.recompute_failed(self, state)
+        logic.note_held(state)
         return outputs
 
     Scheduler.__init__ = __init__
