@@ -151,7 +151,7 @@ def commit(scheduler: Any, state: SchedulerCompression, model_runner_output: Any
             after += len(blocks)
             freed += len(tail)
         state.records[rid] = CompressionRecord(n_prompt, tuple(kept), before, after)
-        metrics.on_blocks_freed(state, freed)
+        metrics.on_blocks_freed(state, freed, rid)
         logger.debug(
             "meda-vllm: %s compressed %d -> %s tokens, freed %d blocks",
             rid,

@@ -67,3 +67,34 @@ def validate_request_overrides(
             f"per-request {', '.join(sorted(overrides))} cannot be honoured"
         )
     server.merged(overrides)
+
+
+#: Server-wide defaults changed at run time (``PUT /v1/kv/policy``), kept by the API server
+#: process that took the change: folded into each new request's overrides when its sampling
+#: params are built, so running requests keep theirs and the engine needs no new channel.
+_RUNTIME_DEFAULTS: dict[str, Any] = {}
+
+
+def runtime_defaults() -> dict[str, Any]:
+    return dict(_RUNTIME_DEFAULTS)
+
+
+def change_runtime_defaults(server: KVPolicyConfig, changes: Mapping[str, Any]) -> KVPolicyConfig:
+    """Validate ``changes`` (``kv_*`` settings a request may override) on top of the runtime
+    defaults already set, keep them, and return the settings new requests now get."""
+    given = request_overrides(changes)
+    if set(given) != set(changes):
+        bad = sorted(set(map(str, changes)) - set(given))
+        raise ConfigError(f"settings are named kv_* (got {', '.join(bad)})")
+    effective = {**_RUNTIME_DEFAULTS, **given}
+    validate_request_overrides(server, effective)
+    _RUNTIME_DEFAULTS.clear()
+    _RUNTIME_DEFAULTS.update(effective)
+    return server.merged(effective)
+
+
+def with_runtime_defaults(extra_args: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A new request's ``extra_args`` with the runtime defaults under its own overrides."""
+    if not _RUNTIME_DEFAULTS:
+        return extra_args
+    return {**_RUNTIME_DEFAULTS, **(extra_args or {})}

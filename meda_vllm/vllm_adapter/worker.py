@@ -280,7 +280,7 @@ class WorkerCompression:
             rid, n, plan.kept_tokens, list(plan.layer_budgets), seconds, plan.fallback, kept
         )
         metrics.on_compressed(self.runner.vllm_config, stats, cfg.kv_policy)
-        logger.debug("meda-vllm: %s: %d -> %d tokens in %.1f ms", rid, n, kept, seconds * 1e3)
+        logger.debug("meda-vllm: %s: %d -> %s tokens in %.1f ms", rid, n, kept, seconds * 1e3)
 
     @staticmethod
     def use_paged_kernels(device: torch.device) -> bool:

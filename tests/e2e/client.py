@@ -12,7 +12,8 @@ from tests.e2e.server import VLLMServer
 
 
 def client(srv: VLLMServer) -> OpenAI:
-    return OpenAI(base_url=srv.url + "/v1", api_key="EMPTY", timeout=600, max_retries=0)
+    key = getattr(srv, "api_key", None) or "EMPTY"  # a server started with --api-key
+    return OpenAI(base_url=srv.url + "/v1", api_key=key, timeout=600, max_retries=0)
 
 
 def chat(srv: VLLMServer, content, max_tokens: int = 8, **extra):

@@ -16,6 +16,7 @@ class MetricDef:
     help: str
     labels: tuple[str, ...] = ()
     buckets: tuple[float, ...] = ()
+    admin_api: bool = False  # exposed only with the admin API on (admin.py)
 
     @property
     def labelnames(self) -> tuple[str, ...]:
@@ -146,6 +147,13 @@ METRICS: dict[str, MetricDef] = {
             "Device memory set aside at engine start for compressing one request "
             "(kv_workspace_bytes; excluded from the KV cache unless --kv-cache-memory-bytes).",
         ),
+        # API server process, admin API (admin.py)
+        MetricDef(
+            "meda:policy_changes",
+            "counter",
+            "Changes of the settings new requests get, through PUT /v1/kv/policy.",
+            admin_api=True,
+        ),
         MetricDef(
             "meda:kv_policy",
             "info",
@@ -156,6 +164,9 @@ METRICS: dict[str, MetricDef] = {
 }
 
 
-def exposed_names() -> list[str]:
-    """Every sample name the server can expose under ``meda:``."""
-    return sorted(n for d in METRICS.values() for n in d.sample_names())
+def exposed_names(admin_api: bool = False) -> list[str]:
+    """Every sample name the server can expose under ``meda:`` (with the admin API on, or
+    not)."""
+    return sorted(
+        n for d in METRICS.values() if admin_api or not d.admin_api for n in d.sample_names()
+    )

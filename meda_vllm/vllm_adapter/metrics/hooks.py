@@ -88,7 +88,7 @@ def on_skip(reason: str, vllm_config: Any = None) -> None:
 
 
 @_safe
-def on_blocks_freed(state: Any, freed_blocks: int) -> None:
+def on_blocks_freed(state: Any, freed_blocks: int, request_id: str | None = None) -> None:
     """The scheduler returned a compressed request's tail blocks to the pool."""
     ctx = _SCHED.get(id(state))
     if ctx is None:
@@ -96,6 +96,15 @@ def on_blocks_freed(state: Any, freed_blocks: int) -> None:
     rec = recorder()
     rec.inc("meda:kv_blocks_freed", freed_blocks)
     rec.inc("meda:kv_bytes_saved", freed_blocks * ctx.bytes_per_block)
+    record = state.records.get(request_id) if request_id is not None else None
+    if record is not None:
+        rec.note_request(
+            request_id,
+            blocks_before=record.blocks_before,
+            blocks_after=record.blocks_after,
+            blocks_freed=freed_blocks,
+            bytes_freed=freed_blocks * ctx.bytes_per_block,
+        )
     on_records_changed(state)
 
 
@@ -136,6 +145,16 @@ def on_compressed(vllm_config: Any, stats: Any, policy: str) -> None:
         rec.inc("meda:layer_kept_tokens", budget, layer=layer)
     for index, held in enumerate(stats.group_kept):
         rec.inc("meda:group_kept_tokens", held, group=index)
+    rec.note_request(
+        stats.rid,
+        policy=policy,
+        prompt_tokens=int(stats.n_prompt),
+        kept_tokens=int(stats.kept),
+        layer_kept_tokens=[int(b) for b in stats.layer_budgets],
+        group_kept_tokens=[int(k) for k in stats.group_kept],
+        compression_seconds=float(stats.seconds),
+        fallback=stats.fallback,
+    )
 
 
 @_safe

@@ -14,6 +14,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from typing import Any
 
 from meda_vllm.vllm_adapter.log import logger
@@ -21,6 +22,8 @@ from meda_vllm.vllm_adapter.metrics.catalogue import METRICS
 
 ENV_DIR = "MEDA_VLLM_METRICS_DIR"
 FLUSH_SECONDS = 0.2
+#: per-request records kept per process for ``GET /v1/kv/requests/{id}`` (oldest dropped)
+RECENT_REQUESTS = 256
 
 LabelKey = tuple[tuple[str, str], ...]
 
@@ -41,6 +44,7 @@ class Recorder:
         self._gauges: dict[tuple[str, LabelKey], float] = {}
         self._hists: dict[tuple[str, LabelKey], list[float]] = {}  # buckets..., sum, count
         self._infos: set[tuple[str, LabelKey]] = set()
+        self._requests: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._dirty = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -85,6 +89,16 @@ class Recorder:
             self._infos.add(s)
         self._touch()
 
+    def note_request(self, request_id: str, **fields: Any) -> None:
+        """What this process knows of one recent request (merged by id in the API server)."""
+        with self._lock:
+            record = self._requests.pop(request_id, {})
+            record.update(fields)
+            self._requests[request_id] = record
+            while len(self._requests) > RECENT_REQUESTS:
+                self._requests.popitem(last=False)
+        self._touch()
+
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
             series = [
@@ -97,7 +111,8 @@ class Recorder:
                 {"name": n, "labels": dict(k), "hist": list(h)} for (n, k), h in self._hists.items()
             ]
             series += [{"name": n, "labels": dict(k), "value": 1.0} for n, k in self._infos]
-        return {"version": 1, "pid": self.pid, "series": series}
+            requests = {rid: dict(r) for rid, r in self._requests.items()}
+        return {"version": 1, "pid": self.pid, "series": series, "requests": requests}
 
     def flush(self) -> None:
         if not self.directory:

@@ -1,11 +1,14 @@
-"""``vllm.sampling_params.SamplingParams._verify_extra_args``.
+"""``vllm.sampling_params.SamplingParams._verify_args`` and ``._verify_extra_args``.
 
 Why: per-request overrides (``vllm_xargs``: ``kv_budget``, ``kv_policy``, ...) must be
 refused with HTTP 400 and one line while the request is built, never crash the engine.
 
-How: after the original, validates the overrides against the server's settings
-(``settings.validate_request_overrides``) and raises ``VLLMValidationError`` (-> 400)
-naming the setting.
+How: ``_verify_args``, before the original: puts the defaults changed at run time
+(``PUT /v1/kv/policy``, ``admin.py``) under the request's own overrides
+(``settings.with_runtime_defaults``; the original checks ``extra_args`` only when there
+are some). ``_verify_extra_args``, after the original: validates the overrides against
+the server's settings (``settings.validate_request_overrides``) and raises
+``VLLMValidationError`` (-> 400) naming the setting.
 
 Remove when: vLLM validates ``extra_args`` through a plugin hook.
 """
@@ -23,6 +26,12 @@ def apply() -> None:
     if getattr(SamplingParams, "_meda_patched", False):
         return
     orig = SamplingParams._verify_extra_args
+    orig_args = SamplingParams._verify_args
+
+    def _verify_args(self):
+        if cli.server_config_seen() is not None:
+            self.extra_args = settings.with_runtime_defaults(self.extra_args)
+        orig_args(self)
 
     def _verify_extra_args(self):
         orig(self)
@@ -37,5 +46,6 @@ def apply() -> None:
                 str(e), parameter=param if param.startswith("kv_") else "vllm_xargs"
             ) from None
 
+    SamplingParams._verify_args = _verify_args
     SamplingParams._verify_extra_args = _verify_extra_args
     SamplingParams._meda_patched = True
