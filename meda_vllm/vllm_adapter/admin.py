@@ -21,6 +21,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from fastapi import APIRouter, Body, Request
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from meda_vllm.config import ConfigError, KVPolicyConfig
@@ -85,9 +87,9 @@ class RequestView(BaseModel):
     bytes_freed: int | None = None
 
 
-def _error(status: int, message: str) -> Any:
-    from fastapi.responses import JSONResponse
-
+def _error(status: int, message: str) -> JSONResponse:
+    # FastAPI resolves the routes' annotations from this module's globals (hence the
+    # imports at the top)
     kind = {400: "BadRequestError", 404: "NotFoundError"}.get(status, "Error")
     return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status)
 
@@ -179,8 +181,6 @@ class AdminPlugin:
     required_tasks = None
 
     def attach_router(self, app: Any) -> None:
-        from fastapi import APIRouter, Body, Request
-
         router = APIRouter(prefix=PREFIX, tags=["meda-vllm"])
 
         def server(request: Request) -> KVPolicyConfig | None:
