@@ -3,10 +3,9 @@
 One `vllm serve` at a time (same model, same flags but G): the 4-layer tiny Qwen2-VL with
 per-layer query scales (budgets differ across layers, as in tests/e2e/test_layer_groups.py),
 MEDA at 0.2. For each G: warm-up, then ``--batch`` image requests sent at once, each
-streaming ``--tokens`` tokens (ignore_eos). Reported: the median gap between streamed
-tokens while every request of the batch decodes (after the last first token, before the
-first last token: no prefill step, equal batch), and its ratio to G = 1's in the same
-run, in rounds alternating the servers so drift hits every G alike.
+decoding ``--tokens`` tokens (ignore_eos). Reported: the mean inter-token latency from the
+server's ``vllm:inter_token_latency_seconds`` (``measure``), and its ratio to G = 1's in
+the same run, in rounds alternating the servers so drift hits every G alike.
 
     .venv/bin/python benchmarks/layer_groups_decode.py --groups 1,2,4 --rounds 3
 
@@ -22,14 +21,13 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from meda_vllm.testing.tiny_qwen2vl import ensure  # noqa: E402
-from tests.e2e.client import client, run_concurrently, wait_idle  # noqa: E402
+from tests.e2e.client import chat, run_concurrently, wait_idle  # noqa: E402
 from tests.e2e.media import image_part, text_part  # noqa: E402
 from tests.e2e.server import VLLMServer  # noqa: E402
 from tests.oracle.check import SHARP_Q_SCALES  # noqa: E402
@@ -41,48 +39,34 @@ def request(seed: int) -> list[dict]:
     return [image_part(seed, 448), image_part(seed + 1, 448), text_part("Compare them.")]
 
 
-def stream_times(srv: VLLMServer, content: list[dict], tokens: int) -> list[float]:
-    """Arrival time of each streamed token of one greedy request (ignore_eos)."""
-    c = client(srv)
-    model = c.models.list().data[0].id
-    times = []
-    stream = c.chat.completions.create(
-        model=model,
-        messages=[{"role": "user", "content": content}],
-        max_tokens=tokens,
-        temperature=0,
-        stream=True,
-        extra_body={"ignore_eos": True},
-    )
-    for chunk in stream:
-        if chunk.choices and chunk.choices[0].delta.content:
-            times.append(time.perf_counter())
-    return times
-
-
 def measure(srv: VLLMServer, batch: int, tokens: int, seed: int) -> float:
-    """Median decode step time (ms) while all ``batch`` requests decode: the gaps between
-    streamed tokens after the last request's first token and before the first request's
-    last token (so no step of the window runs a prefill, and the batch is full)."""
+    """Mean inter-token latency (ms) of ``batch`` requests sent at once, from the server's
+    own ``vllm:inter_token_latency_seconds`` (engine timestamps: the API server, which
+    shares the cores, streams in bursts, so client-side times say nothing on this machine).
+    The same requests run once before with 2 tokens each, so their images are in the API
+    server's processor cache and the requests reach the engine close together; their few
+    prefill steps weigh little against ``tokens`` decode steps each, and alike for every G.
+    """
     fns = [
-        (lambda s=s: stream_times(srv, request(s), tokens))
+        (lambda s=s, n=n: chat(srv, request(s), max_tokens=n, ignore_eos=True))
+        for n in (2, tokens)
         for s in range(seed, seed + 2 * batch, 2)
     ]
-    runs = run_concurrently(fns)
-    start = max(t[0] for t in runs)
-    end = min(t[-1] for t in runs)
-    gaps = [b - a for t in runs for a, b in zip(t, t[1:], strict=False) if a >= start and b <= end]
-    if len(gaps) < batch:
-        raise RuntimeError(f"only {len(gaps)} decode gaps at full batch; raise --tokens")
-    wait_idle(srv)
-    return 1e3 * statistics.median(gaps)
+    run_concurrently(fns[:batch])  # warm the processor cache with these very images
+    before = wait_idle(srv)
+    results = run_concurrently(fns[batch:])
+    assert all(r.usage.completion_tokens == tokens for r in results)
+    after = wait_idle(srv)
+    total = after[ITL + "_sum"] - before.get(ITL + "_sum", 0.0)
+    count = after[ITL + "_count"] - before.get(ITL + "_count", 0.0)
+    return 1e3 * total / count
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--groups", default="1,2,4", help="kv_layer_groups values (1 first)")
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--model-dir", default=None, help="where to build the model (a temp dir)")
     args = ap.parse_args()
@@ -102,13 +86,13 @@ def main() -> None:
             flags += ["--kv-policy-config", json.dumps({"kv_layer_groups": g})]
             print(f"[bench] round {rnd + 1}/{args.rounds}: G = {g}: starting", flush=True)
             with VLLMServer(model, flags, tmp / f"server-g{g}-r{rnd}.log") as srv:
-                run_concurrently([lambda: stream_times(srv, request(1000), 8)] * 2)  # warm-up
+                measure(srv, 2, 8, seed=1000)  # warm-up
                 got = measure(srv, args.batch, args.tokens, seed=0)
             runs[g].append(got)
-            print(f"[bench]   decode step {got:.2f} ms", flush=True)
+            print(f"[bench]   inter-token latency {got:.2f} ms", flush=True)
     base = statistics.median(runs[1])
     print(f"\nbatch {args.batch}, {args.tokens} tokens each, medians of {args.rounds} rounds")
-    print("| G | decode step, median (ms) | per round (ms) | ratio to G = 1 |")
+    print("| G | inter-token latency, median (ms) | per round (ms) | ratio to G = 1 |")
     print("|---|---|---|---|")
     for g in groups:
         itl = statistics.median(runs[g])

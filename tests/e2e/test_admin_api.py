@@ -115,4 +115,7 @@ def test_the_admin_api_reads_changes_and_reports_compression(admin_server):
     assert 0 < stats["compression_seconds"]["p50_seconds"] <= 10
     assert m["meda:policy_changes_total"] == 1
     assert api(srv, "GET", "/requests/nope").status_code == 404
+    paths = requests.get(srv.url + "/openapi.json", timeout=30).json()["paths"]
+    assert {"put", "get"} <= set(paths["/v1/kv/policy"]), paths["/v1/kv/policy"]
+    assert {"/v1/kv/stats", "/v1/kv/requests/{request_id}"} <= set(paths)
     assert chat(srv, [text_part("still serving?")], max_tokens=2).usage.completion_tokens == 2
