@@ -163,6 +163,17 @@ class KVPolicyConfig(BaseModel):
         check_settings(out)
         return out
 
+    @model_validator(mode="after")
+    def _budget_not_below_the_minimum(self) -> KVPolicyConfig:
+        # A token count under the per-layer minimum is nearly always a ratio written as an
+        # integer (3 meant as 0.3): refused, never silently raised to the minimum.
+        if isinstance(self.kv_budget, int) and self.kv_budget < self.kv_min_tokens_per_layer:
+            raise ValueError(
+                f"kv_budget {self.kv_budget} is a token count below kv_min_tokens_per_layer "
+                f"{self.kv_min_tokens_per_layer} (a ratio is written in (0, 1], e.g. 0.3)"
+            )
+        return self
+
     # --- construction -----------------------------------------------------------------
 
     @classmethod

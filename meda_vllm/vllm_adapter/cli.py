@@ -220,6 +220,10 @@ def check_engine_config(vllm_config: Any) -> None:
     if cache is not None:
         _refuse_kv_cache_dtype(cfg.kv_policy, cache.cache_dtype, " (from the checkpoint)")
     model = getattr(vllm_config, "model_config", None)
+    max_len = getattr(model, "max_model_len", None)
+    if isinstance(max_len, int):
+        _SERVER_CONFIG["max_model_len"] = max_len
+        check_budget_fits(cfg)
     if model is not None:
         reason = kv_cache_group_problem(model)
         if reason:
@@ -366,8 +370,20 @@ def startup_error(message: str) -> SystemExit:
     return SystemExit(f"vllm: error: {message}")
 
 
-#: The server settings as seen by this process (set when the engine config is built).
-_SERVER_CONFIG: dict[str, KVPolicyConfig] = {}
+#: The server settings as seen by this process (set when the engine config is built), and
+#: the engine's max_model_len.
+_SERVER_CONFIG: dict[str, Any] = {}
+
+
+def check_budget_fits(cfg: KVPolicyConfig) -> None:
+    """A token budget over max_model_len could never compress a prompt: refused (one line),
+    at startup and per request."""
+    max_len = _SERVER_CONFIG.get("max_model_len")
+    if isinstance(cfg.kv_budget, int) and max_len is not None and cfg.kv_budget > max_len:
+        raise ConfigError(
+            f"kv_budget {cfg.kv_budget} tokens exceeds --max-model-len {max_len}: no prompt "
+            "would be compressed (a ratio is written in (0, 1], e.g. 0.2)"
+        )
 
 
 def remember_server_config(cfg: KVPolicyConfig) -> None:

@@ -78,7 +78,7 @@ def loaded(meda_server, prometheus):
         ),
         # skipped: the budget keeps the whole prompt
         lambda: chat(
-            meda_server, [image_part(7), text_part("Hi.")], vllm_xargs={"kv_budget": 100000}
+            meda_server, [image_part(7), text_part("Hi.")], vllm_xargs={"kv_budget": 4000}
         ),
     ]
     run_concurrently(jobs)

@@ -204,3 +204,15 @@ def test_workspace_bytes_is_server_only():
         "override it (got 2147483648)"
     )
     assert server.merged({"kv_budget": 0.1}).kv_workspace_bytes == 2**30
+
+
+def test_a_token_budget_below_the_per_layer_minimum_is_refused_not_raised():
+    """``kv_budget: 3`` is nearly always a ratio written as an integer: an error, at
+    startup and per request, never a silent near-empty (or silently raised) cache."""
+    with pytest.raises(ConfigError, match="kv_budget 3 is a token count below"):
+        KVPolicyConfig(kv_policy="meda", kv_budget=3)
+    server = KVPolicyConfig(kv_policy="meda", kv_budget=0.2)
+    with pytest.raises(ConfigError, match="kv_min_tokens_per_layer 16"):
+        server.merged({"kv_budget": 15})
+    assert server.merged({"kv_budget": 16}).kv_budget == 16
+    assert server.merged({"kv_budget": 8, "kv_min_tokens_per_layer": 4}).kv_budget == 8

@@ -7,8 +7,9 @@ How: ``_verify_args``, before the original: puts the defaults changed at run tim
 (``PUT /v1/kv/policy``, ``admin.py``) under the request's own overrides
 (``settings.with_runtime_defaults``; the original checks ``extra_args`` only when there
 are some). ``_verify_extra_args``, after the original: validates the overrides against
-the server's settings (``settings.validate_request_overrides``) and raises
-``VLLMValidationError`` (-> 400) naming the setting.
+the server's settings (``settings.validate_request_overrides``; a token budget over
+``max_model_len``: ``cli.check_budget_fits``) and raises ``VLLMValidationError`` (-> 400)
+naming the setting.
 
 Remove when: vLLM validates ``extra_args`` through a plugin hook.
 """
@@ -40,6 +41,7 @@ def apply() -> None:
             return
         try:
             settings.validate_request_overrides(server, self.extra_args)
+            cli.check_budget_fits(settings.request_config(server, self.extra_args))
         except ConfigError as e:
             param = str(e).split(" ", 1)[0]
             raise VLLMValidationError(
