@@ -12,7 +12,7 @@ import argparse
 import json
 from typing import Any
 
-from meda_vllm.config import ConfigError, KVPolicyConfig
+from meda_vllm.config import ConfigError, KVPolicyConfig, known_settings
 from meda_vllm.policies import policy_names
 from meda_vllm.vllm_adapter import settings
 from meda_vllm.vllm_adapter.log import logger
@@ -102,12 +102,20 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
 
 
 def fold_cli_args(args: argparse.Namespace, additional: dict[str, Any] | None) -> dict[str, Any]:
-    """Merge the parsed flags into an additional_config dict (flags win)."""
+    """Merge the parsed flags into an additional_config dict (flags win). A name in
+    ``--kv-policy-config`` that is no setting is refused (ConfigError, one line): the
+    shared ``--additional-config`` drops unknown names, which may be another plugin's."""
     merged = dict(additional or {})
     extra = getattr(args, "kv_policy_config", None) or {}
+    known = known_settings()
     for key, value in extra.items():
-        name = key.replace("-", "_")
-        merged[name if name.startswith("kv_") else f"kv_{name}"] = value
+        name = str(key).replace("-", "_")
+        name = name if name.startswith("kv_") else f"kv_{name}"
+        if name not in known:
+            raise ConfigError(
+                f"--kv-policy-config: unknown setting {key!r}; known: {', '.join(known)}"
+            )
+        merged[name] = value
     for dest in ("kv_policy", "kv_budget", "kv_window"):
         value = getattr(args, dest, None)
         if value is not None:
@@ -123,7 +131,7 @@ def resolve_engine_settings(engine_args: Any) -> KVPolicyConfig:
     """
     additional = dict(engine_args.additional_config or {})
     cfg = settings.server_config_from_additional(additional)
-    remember_server_config(cfg)
+    settings.remember_server_config(cfg)
     if cfg.kv_policy == "none":
         return cfg
     if getattr(engine_args, "speculative_config", None):
@@ -222,8 +230,8 @@ def check_engine_config(vllm_config: Any) -> None:
     model = getattr(vllm_config, "model_config", None)
     max_len = getattr(model, "max_model_len", None)
     if isinstance(max_len, int):
-        _SERVER_CONFIG["max_model_len"] = max_len
-        check_budget_fits(cfg)
+        settings.remember_max_model_len(max_len)
+        settings.check_budget_fits(cfg)
     if model is not None:
         reason = kv_cache_group_problem(model)
         if reason:
@@ -368,28 +376,3 @@ def _choose_attention_backend(engine_args: Any) -> None:
 def startup_error(message: str) -> SystemExit:
     """A clean one-line failure for `vllm serve` (no traceback)."""
     return SystemExit(f"vllm: error: {message}")
-
-
-#: The server settings as seen by this process (set when the engine config is built), and
-#: the engine's max_model_len.
-_SERVER_CONFIG: dict[str, Any] = {}
-
-
-def check_budget_fits(cfg: KVPolicyConfig) -> None:
-    """A token budget over max_model_len could never compress a prompt: refused (one line),
-    at startup and per request."""
-    max_len = _SERVER_CONFIG.get("max_model_len")
-    if isinstance(cfg.kv_budget, int) and max_len is not None and cfg.kv_budget > max_len:
-        raise ConfigError(
-            f"kv_budget {cfg.kv_budget} tokens exceeds --max-model-len {max_len}: no prompt "
-            "would be compressed (a ratio is written in (0, 1], e.g. 0.2)"
-        )
-
-
-def remember_server_config(cfg: KVPolicyConfig) -> None:
-    _SERVER_CONFIG["cfg"] = cfg
-
-
-def server_config_seen() -> KVPolicyConfig | None:
-    """The server settings this process resolved last (None before any EngineArgs)."""
-    return _SERVER_CONFIG.get("cfg")

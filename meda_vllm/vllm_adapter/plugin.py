@@ -25,6 +25,7 @@ from meda_vllm.vllm_adapter.patches import (
     kv_cache_manager,
     metrics_route,
     model_state,
+    online_renderer,
     sampling_params,
     scheduler,
     v1_runner,
@@ -93,6 +94,7 @@ def register() -> None:
 PATCHES: tuple[tuple[str, Callable[[], None]], ...] = (
     ("vllm.engine.arg_utils", engine_args.apply),
     ("vllm.sampling_params", sampling_params.apply),
+    ("vllm.renderers.online_renderer", online_renderer.apply),
     ("vllm.v1.core.sched.scheduler", scheduler.apply),
     ("vllm.v1.core.kv_cache_manager", kv_cache_manager.apply),
     ("vllm.v1.core.kv_cache_utils", kv_cache_groups.apply),

@@ -98,3 +98,38 @@ def with_runtime_defaults(extra_args: dict[str, Any] | None) -> dict[str, Any] |
     if not _RUNTIME_DEFAULTS:
         return extra_args
     return {**_RUNTIME_DEFAULTS, **(extra_args or {})}
+
+
+#: The server settings as seen by this process (set when the engine config is built), and
+#: the engine's max_model_len.
+_SEEN: dict[str, Any] = {}
+
+
+def remember_server_config(cfg: KVPolicyConfig) -> None:
+    _SEEN["cfg"] = cfg
+
+
+def remember_max_model_len(max_len: int) -> None:
+    _SEEN["max_model_len"] = max_len
+
+
+def server_config_seen() -> KVPolicyConfig | None:
+    """The server settings this process resolved last (None before any EngineArgs)."""
+    return _SEEN.get("cfg")
+
+
+def check_request(server: KVPolicyConfig, extra_args: Mapping[str, Any] | None) -> None:
+    """Everything a request's ``kv_*`` overrides must pass; ConfigError (one line)."""
+    validate_request_overrides(server, extra_args)
+    check_budget_fits(request_config(server, extra_args))
+
+
+def check_budget_fits(cfg: KVPolicyConfig) -> None:
+    """A token budget over max_model_len could never compress a prompt: refused (one line),
+    at startup and per request."""
+    max_len = _SEEN.get("max_model_len")
+    if isinstance(cfg.kv_budget, int) and max_len is not None and cfg.kv_budget > max_len:
+        raise ConfigError(
+            f"kv_budget {cfg.kv_budget} tokens exceeds --max-model-len {max_len}: no prompt "
+            "would be compressed (a ratio is written in (0, 1], e.g. 0.2)"
+        )

@@ -202,9 +202,9 @@ def test_compression_multiplies_concurrent_long_requests(server_factory):
     [
         (["--kv-policy", "foo"], "--kv-policy"),
         (["--kv-budget", "0"], "kv_budget must be"),
-        (["--kv-policy", "meda", "--kv-budget", "abc"], "kv_budget must be"),
+        (["--kv-policy", "meda", "--kv-budget", "abc"], "--kv-budget: must be"),
         (["--kv-policy", "meda", "--kv-budget", "3"], "kv_min_tokens_per_layer"),
-        (["--kv-policy", "meda", "--kv-budget", "100000"], "--max-model-len 4096"),
+        (["--kv-policy", "meda", "--kv-budget", "100000"], "exceeds --max-model-len"),
         (["--kv-policy", "meda", "--kv-policy-config", '{"kv_foo": 1}'], "kv_foo"),
         (["--kv-policy", "meda", "--kv-policy-config", '{"kv_window": 0}'], "kv_window"),
         (["--kv-policy", "meda", "--kv-policy-config", "{not json"], "--kv-policy-config"),

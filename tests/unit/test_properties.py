@@ -168,7 +168,9 @@ def test_budgets_below_the_window(budget):
     """A budget below the window keeps the last ``budget`` positions, nothing else."""
     req = _request(200, 4, torch.float32)
     for policy in EVICTING_POLICIES:
-        cfg = KVPolicyConfig(kv_policy=policy, kv_budget=budget, kv_window=64)
+        cfg = KVPolicyConfig(
+            kv_policy=policy, kv_budget=budget, kv_window=64, kv_min_tokens_per_layer=1
+        )
         plan = compress(req.get_view(cfg), NUM_LAYERS, cfg, 200)
         for layer, lp in enumerate(plan.layers):
             s_l = plan.layer_budgets[layer]

@@ -45,9 +45,10 @@ def apply() -> None:
     def from_cli_args(cls, args):
         engine_args = orig_from(cls, args)
         engine_args._meda_cli = True  # `vllm serve`: later refusals exit with one line too
-        if any(getattr(args, d, None) is not None for d in cli.FLAG_DESTS):
-            engine_args.additional_config = cli.fold_cli_args(args, engine_args.additional_config)
         try:
+            if any(getattr(args, d, None) is not None for d in cli.FLAG_DESTS):
+                additional = cli.fold_cli_args(args, engine_args.additional_config)
+                engine_args.additional_config = additional
             cli.resolve_engine_settings(engine_args)
         except ConfigError as e:
             raise cli.startup_error(str(e)) from None

@@ -7,9 +7,9 @@ How: ``_verify_args``, before the original: puts the defaults changed at run tim
 (``PUT /v1/kv/policy``, ``admin.py``) under the request's own overrides
 (``settings.with_runtime_defaults``; the original checks ``extra_args`` only when there
 are some). ``_verify_extra_args``, after the original: validates the overrides against
-the server's settings (``settings.validate_request_overrides``; a token budget over
-``max_model_len``: ``cli.check_budget_fits``) and raises ``VLLMValidationError`` (-> 400)
-naming the setting.
+the server's settings (``settings.check_request``; the same check runs earlier, before the
+request is rendered: ``patches/online_renderer.py``) and raises ``VLLMValidationError``
+(-> 400) naming the setting.
 
 Remove when: vLLM validates ``extra_args`` through a plugin hook.
 """
@@ -22,7 +22,7 @@ def apply() -> None:
     from vllm.sampling_params import SamplingParams
 
     from meda_vllm.config import ConfigError
-    from meda_vllm.vllm_adapter import cli, settings
+    from meda_vllm.vllm_adapter import settings
 
     if getattr(SamplingParams, "_meda_patched", False):
         return
@@ -30,18 +30,17 @@ def apply() -> None:
     orig_args = SamplingParams._verify_args
 
     def _verify_args(self):
-        if cli.server_config_seen() is not None:
+        if settings.server_config_seen() is not None:
             self.extra_args = settings.with_runtime_defaults(self.extra_args)
         orig_args(self)
 
     def _verify_extra_args(self):
         orig(self)
-        server = cli.server_config_seen()
+        server = settings.server_config_seen()
         if server is None:
             return
         try:
-            settings.validate_request_overrides(server, self.extra_args)
-            cli.check_budget_fits(settings.request_config(server, self.extra_args))
+            settings.check_request(server, self.extra_args)
         except ConfigError as e:
             param = str(e).split(" ", 1)[0]
             raise VLLMValidationError(
