@@ -124,6 +124,12 @@ def check_request(server: KVPolicyConfig, extra_args: Mapping[str, Any] | None) 
     check_budget_fits(request_config(server, extra_args))
 
 
+def refused_field(error: ConfigError) -> str:
+    """The request field a refusal names (its messages start with the setting)."""
+    first = str(error).split(" ", 1)[0]
+    return first if first.startswith("kv_") else "vllm_xargs"
+
+
 def check_budget_fits(cfg: KVPolicyConfig) -> None:
     """A token budget over max_model_len could never compress a prompt: refused (one line),
     at startup and per request."""

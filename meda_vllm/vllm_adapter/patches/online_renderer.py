@@ -36,10 +36,7 @@ def apply() -> None:
         try:
             settings.check_request(server, settings.with_runtime_defaults(xargs))
         except ConfigError as e:
-            param = str(e).split(" ", 1)[0]
-            return renderer.create_error_response(
-                str(e), param=param if param.startswith("kv_") else "vllm_xargs"
-            )
+            return renderer.create_error_response(str(e), param=settings.refused_field(e))
         return None
 
     for name in ("render_chat", "render_completion"):

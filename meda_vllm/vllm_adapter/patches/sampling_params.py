@@ -42,10 +42,7 @@ def apply() -> None:
         try:
             settings.check_request(server, self.extra_args)
         except ConfigError as e:
-            param = str(e).split(" ", 1)[0]
-            raise VLLMValidationError(
-                str(e), parameter=param if param.startswith("kv_") else "vllm_xargs"
-            ) from None
+            raise VLLMValidationError(str(e), parameter=settings.refused_field(e)) from None
 
     SamplingParams._verify_args = _verify_args
     SamplingParams._verify_extra_args = _verify_extra_args
